@@ -1,0 +1,1 @@
+"""A vLLM-compatible model-server simulator: OpenAI API, streaming, and vLLM's /metrics names."""

@@ -1,0 +1,57 @@
+"""Run simulated model servers: `python -m bench.simulator --port 8001 --count 3`.
+
+Several servers in one process listen on consecutive ports; each has its own engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from bench.simulator.engine import EngineConfig
+from bench.simulator.server import SimulatedServer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.simulator")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="port of the first server")
+    p.add_argument("--count", type=int, default=1, help="servers to run, on consecutive ports")
+    p.add_argument("--name-prefix", default="sim")
+    p.add_argument("--model", action="append", default=None, help="base model name(s) served")
+    p.add_argument("--lora", action="append", default=[], help="LoRA adapter name(s) that can be loaded")
+    p.add_argument("--max-lora", type=int, default=2)
+    p.add_argument("--max-num-seqs", type=int, default=8)
+    p.add_argument("--num-gpu-blocks", type=int, default=4096)
+    p.add_argument("--prefill-ms-per-token", type=float, default=0.02)
+    p.add_argument("--decode-ms-per-token", type=float, default=1.0)
+    args = p.parse_args()
+
+    async def run() -> None:
+        servers = []
+        for i in range(args.count):
+            cfg = EngineConfig(
+                max_num_seqs=args.max_num_seqs, num_gpu_blocks=args.num_gpu_blocks,
+                prefill_ms_per_token=args.prefill_ms_per_token, decode_ms_per_token=args.decode_ms_per_token,
+                max_lora=args.max_lora, lora_adapters=list(args.lora),
+            )
+            if args.model:
+                cfg.models = list(args.model)
+            s = SimulatedServer(f"{args.name_prefix}-{i}", args.port + i, cfg, args.host)
+            await s.start()
+            servers.append(s)
+        print(f"simulators ready on {args.host}:{args.port}..{args.port + args.count - 1}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        for s in servers:
+            await s.stop()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

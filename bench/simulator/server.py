@@ -1,0 +1,190 @@
+"""The simulator's HTTP face: enough of vLLM's OpenAI API and /metrics for the EPP to route on.
+
+Every response carries `x-simulator-pod` and `x-simulator-port`, so a client (test,
+demo, benchmark) can see which server answered. `/sim/control` lets tests make the
+server misbehave (slow or broken /metrics); `/sim/state` reports its true state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from bench.simulator.engine import CHARS_PER_TOKEN, Engine, EngineConfig
+
+# A fixed vocabulary: output text is deterministic for a given request.
+_WORDS = ("the", "model", "routes", "tokens", "quickly", "and", "prefix", "cache", "hits", "well")
+
+
+def _error(status: int, message: str, etype: str) -> web.Response:
+    body = {"error": {"message": message, "type": etype, "param": None, "code": status}}
+    return web.json_response(body, status=status, dumps=lambda o: orjson.dumps(o).decode())
+
+
+def _prompt_text(kind: str, body: dict[str, Any]) -> str:
+    if kind == "chat":
+        parts = []
+        for m in body.get("messages") or []:
+            content = m.get("content")
+            if isinstance(content, list):
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            parts.append(f"<|{m.get('role', '')}|>\n{content or ''}\n")
+        return "".join(parts)
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list):
+        return "\n".join(map(str, prompt))
+    return str(prompt)
+
+
+class SimulatedServer:
+    def __init__(self, name: str, port: int, cfg: EngineConfig, host: str = "127.0.0.1") -> None:
+        self.name = name
+        self.port = port
+        self.host = host
+        self.cfg = cfg
+        self.engine = Engine(cfg)
+        self.metrics_delay = 0.0
+        self.metrics_status = 200
+        self.served = 0
+        self.app = web.Application(client_max_size=64 << 20)
+        self.app.add_routes([
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat),
+            web.get("/v1/models", self.models),
+            web.get("/metrics", self.metrics),
+            web.get("/health", self.health),
+            web.get("/sim/state", self.state),
+            web.post("/sim/control", self.control),
+        ])
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def known_models(self) -> list[str]:
+        return self.cfg.models + self.cfg.lora_adapters
+
+    def _headers(self) -> dict[str, str]:
+        return {"x-simulator-pod": self.name, "x-simulator-port": str(self.port)}
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # --- handlers -------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok", headers=self._headers())
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "owned_by": "simulator"} for m in self.known_models]
+        return web.json_response({"object": "list", "data": data}, headers=self._headers())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self.metrics_delay:
+            await asyncio.sleep(self.metrics_delay)
+        if self.metrics_status != 200:
+            return web.Response(status=self.metrics_status, text="broken")
+        return web.Response(text=self.engine.metrics_text(self.cfg.models[0]), content_type="text/plain")
+
+    async def state(self, request: web.Request) -> web.Response:
+        e = self.engine
+        return web.json_response({
+            "name": self.name, "port": self.port, "waiting": e.waiting, "running": e.running,
+            "kv_usage": e.kv_usage, "served": self.served, "prefix_queries": e.prefix_queries,
+            "prefix_hits": e.prefix_hits, "active_loras": list(e.active_loras),
+        })
+
+    async def control(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if "metrics_delay" in body:
+            self.metrics_delay = float(body["metrics_delay"])
+        if "metrics_status" in body:
+            self.metrics_status = int(body["metrics_status"])
+        if "decode_ms_per_token" in body:
+            self.cfg.decode_ms_per_token = float(body["decode_ms_per_token"])
+        return web.json_response({"ok": True})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "completions")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat")
+
+    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _error(400, "invalid JSON body", "BadRequestError")
+        model = body.get("model")
+        if model not in self.known_models:
+            return _error(404, f"The model `{model}` does not exist.", "NotFoundError")
+        prompt = _prompt_text(kind, body)
+        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        stream = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        engine = self.engine
+        await engine.admit(model)
+        held = 0
+        try:
+            prompt_tokens, cached_tokens, held = await engine.prefill(model, prompt)
+            self.served += 1
+            rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:16]}"
+            created = int(time.time())
+            usage = {
+                "prompt_tokens": prompt_tokens, "completion_tokens": max_tokens,
+                "total_tokens": prompt_tokens + max_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens},
+            }
+            if not stream:
+                for _ in range(max_tokens):
+                    await asyncio.sleep(engine.decode_step_seconds())
+                text = " ".join(_WORDS[i % len(_WORDS)] for i in range(max_tokens))
+                if kind == "chat":
+                    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
+                                              "finish_reason": "length"}
+                else:
+                    choice = {"index": 0, "text": text, "finish_reason": "length"}
+                obj = "chat.completion" if kind == "chat" else "text_completion"
+                payload = {"id": rid, "object": obj, "created": created, "model": model,
+                           "choices": [choice], "usage": usage}
+                return web.Response(body=orjson.dumps(payload), content_type="application/json",
+                                    headers=self._headers())
+            resp = web.StreamResponse(headers={**self._headers(), "content-type": "text/event-stream",
+                                               "cache-control": "no-cache"})
+            await resp.prepare(request)
+            obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+            for i in range(max_tokens):
+                await asyncio.sleep(engine.decode_step_seconds())
+                word = _WORDS[i % len(_WORDS)] + " "
+                if kind == "chat":
+                    delta: dict[str, Any] = {"content": word}
+                    if i == 0:
+                        delta["role"] = "assistant"
+                    choice = {"index": 0, "delta": delta, "finish_reason": None}
+                else:
+                    choice = {"index": 0, "text": word, "finish_reason": None}
+                if i == max_tokens - 1:
+                    choice["finish_reason"] = "length"
+                chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            if include_usage:
+                chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                         "usage": usage}
+                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        finally:
+            engine.release(held)
+
+
+def tokens_of(text: str) -> int:
+    return max(1, len(text) // CHARS_PER_TOKEN)

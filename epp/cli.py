@@ -1,0 +1,172 @@
+"""`epp serve` (flags as the Go EPP's) and `epp demo`.
+
+`epp` with flags and no sub-command means `epp serve`, as the Go EPP binary is run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from epp.durations import parse_duration
+from epp.scheduling.framework import ConfigError
+
+# Go EPP flags that epp accepts so its manifests work unchanged, but that change nothing here.
+_ACCEPTED_GO_FLAGS_WITH_VALUE = (
+    "--pool-group", "--endpoint-selector", "--endpoint-target-ports", "--cert-path",
+    "--zap-encoder", "--zap-log-level", "--zap-stacktrace-level", "--zap-time-encoding",
+)
+_ACCEPTED_GO_BOOL_FLAGS = (
+    "--ha-enable-leader-election", "--tracing", "--health-checking", "--enable-pprof",
+    "--enable-cert-reload", "--secure-serving", "--metrics-endpoint-auth", "--disable-endpoint-subset-filter",
+    "--zap-devel", "--model-server-metrics-https-insecure-skip-verify",
+)
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _serve_parser(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ports (as the Go EPP)")
+    g.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port (default 9002)")
+    g.add_argument("--grpc-health-port", type=int, default=9003, help="grpc.health.v1 port (default 9003)")
+    g.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (default 9090)")
+    g.add_argument("--bind-address", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    g = p.add_argument_group("pool")
+    g.add_argument("--endpoints", action="append", default=[], metavar="IP:PORT[,IP:PORT...]",
+                   help="a static pool of model servers, for running without Kubernetes")
+    g.add_argument("--pool-name", default="default", help="InferencePool name (labels pool metrics)")
+    g.add_argument("--pool-namespace", default="default")
+    g = p.add_argument_group("model-server metrics")
+    g.add_argument("--refresh-metrics-interval", type=_duration, default=0.05, help="scrape interval (50ms)")
+    g.add_argument("--refresh-prometheus-metrics-interval", type=_duration, default=5.0,
+                   help="how often pool-level gauges are refreshed (5s)")
+    g.add_argument("--metrics-staleness-threshold", type=_duration, default=2.0,
+                   help="older metrics count as unknown (2s)")
+    g.add_argument("--metrics-scrape-timeout", type=_duration, default=1.0, help="per-scrape timeout (1s)")
+    g.add_argument("--model-server-metrics-path", default="/metrics")
+    g.add_argument("--model-server-metrics-scheme", default="http", choices=("http", "https"))
+    g.add_argument("--model-server-metrics-port", type=int, default=None,
+                   help="scrape this port instead of the serving port")
+    g.add_argument("--engine-type", default="vllm", help="metric names: vllm, sglang or trtllm-serve")
+    g.add_argument("--total-queued-requests-metric")
+    g.add_argument("--total-running-requests-metric")
+    g.add_argument("--kv-cache-usage-percentage-metric")
+    g.add_argument("--lora-info-metric")
+    g.add_argument("--cache-info-metric")
+    g = p.add_argument_group("scheduling")
+    g.add_argument("--config-file", help="EndpointPickerConfig YAML (GIE format)")
+    g.add_argument("--config-text", help="EndpointPickerConfig YAML given inline")
+    g.add_argument("--seed", type=int, default=None, help="seed tie-breaking randomness (tests, benchmarks)")
+    g = p.add_argument_group("requests")
+    g.add_argument("--max-request-body-bytes", type=int, default=16 << 20,
+                   help="larger request bodies get 400 (default 16 MiB)")
+    g.add_argument("--explain-headers", action="store_true",
+                   help="add x-epp-endpoint and x-epp-explain (scores) to responses: for debugging")
+    g.add_argument("--grace-period", type=_duration, default=30.0,
+                   help="on SIGTERM, how long streams in flight may take to finish (30s)")
+    g.add_argument("--v", "-v", type=int, default=0, dest="verbosity",
+                   help="log verbosity as the Go EPP: 0 info, 1-3 more, 4+ debug")
+    g = p.add_argument_group("accepted for Go EPP compatibility (no effect)")
+    for flag in _ACCEPTED_GO_FLAGS_WITH_VALUE:
+        g.add_argument(flag, help=argparse.SUPPRESS)
+    for flag in _ACCEPTED_GO_BOOL_FLAGS:
+        g.add_argument(flag, nargs="?", const=True, type=_bool, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="epp", description="Endpoint Picker for LLM inference gateways.")
+    sub = p.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the ext_proc server")
+    _serve_parser(serve)
+    demo = sub.add_parser("demo", help="Envoy + epp + three simulated model servers, a few requests")
+    demo.add_argument("--keep", action="store_true", help="stay up after the requests (Ctrl-C to stop)")
+    demo.add_argument("--base-port", type=int, default=18000, help="first of the loopback ports used")
+    return p
+
+
+def _options(args: argparse.Namespace):
+    from epp.server import ServeOptions
+
+    return ServeOptions(
+        grpc_port=args.grpc_port,
+        grpc_health_port=args.grpc_health_port,
+        metrics_port=args.metrics_port,
+        bind_address=args.bind_address,
+        endpoints=args.endpoints,
+        pool_name=args.pool_name,
+        pool_namespace=args.pool_namespace,
+        refresh_metrics_interval=args.refresh_metrics_interval,
+        refresh_prometheus_metrics_interval=args.refresh_prometheus_metrics_interval,
+        metrics_staleness_threshold=args.metrics_staleness_threshold,
+        metrics_scrape_timeout=args.metrics_scrape_timeout,
+        model_server_metrics_path=args.model_server_metrics_path,
+        model_server_metrics_scheme=args.model_server_metrics_scheme,
+        model_server_metrics_port=args.model_server_metrics_port,
+        engine_type=args.engine_type,
+        total_queued_requests_metric=args.total_queued_requests_metric,
+        total_running_requests_metric=args.total_running_requests_metric,
+        kv_cache_usage_percentage_metric=args.kv_cache_usage_percentage_metric,
+        lora_info_metric=args.lora_info_metric,
+        cache_info_metric=args.cache_info_metric,
+        config_file=args.config_file,
+        config_text=args.config_text,
+        max_body_bytes=args.max_request_body_bytes,
+        explain_headers=args.explain_headers,
+        grace_period=args.grace_period,
+        seed=args.seed,
+    )
+
+
+async def _serve(opts) -> None:
+    from epp.server import EppServer
+
+    server = EppServer(opts)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    await server.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "serve")  # `epp --grpc-port ...` as the Go binary is run
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 2
+    if args.command == "demo":
+        from epp.demo import run_demo
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return run_demo(keep=args.keep, base_port=args.base_port)
+    level = logging.DEBUG if args.verbosity >= 4 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every scrape at INFO; the scraper reports state changes itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        opts = _options(args)
+        import uvloop
+
+        uvloop.run(_serve(opts))
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"epp: {e}", file=sys.stderr)
+        return 1
+    return 0

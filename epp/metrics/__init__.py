@@ -1,0 +1,1 @@
+"""Model-server metrics (scraping, per-engine names) and the EPP's own Prometheus metrics."""

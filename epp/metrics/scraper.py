@@ -1,0 +1,250 @@
+"""Scrape every endpoint's /metrics, concurrently, on a thread of its own.
+
+Each endpoint has its own loop task, so a slow or hanging server delays only its
+own samples (a timeout ends each attempt). The scraper runs its own asyncio loop
+on a separate thread: a burst of scrapes never queues behind, or in front of, the
+request path. Results land as one attribute store of an immutable snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from epp.datastore import Datastore, Endpoint, EndpointMetrics
+from epp.metrics.mappings import EngineMapping, MetricSpec
+
+log = logging.getLogger(__name__)
+
+MAX_METRICS_BYTES = 8 << 20  # a model server's /metrics is tens of KB; refuse anything absurd
+
+
+class MetricsParseError(ValueError):
+    pass
+
+
+def _samples(text: str, mapping: EngineMapping) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Samples of just the families the mapping needs; other lines are skipped unparsed."""
+    prefixes = tuple(mapping.names)
+    wanted = "\n".join(line for line in text.splitlines() if line.startswith(prefixes))
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    if not wanted:
+        return out
+    try:
+        for family in text_string_to_metric_families(wanted + "\n"):
+            for s in family.samples:
+                if s.name in mapping.names:
+                    out.setdefault(s.name, []).append((s.labels, s.value))
+    except ValueError as e:
+        raise MetricsParseError(f"malformed metrics text: {e}") from None
+    return out
+
+
+def _first(samples: dict[str, list[tuple[dict[str, str], float]]], specs: tuple[MetricSpec, ...]) -> float | None:
+    for spec in specs:
+        for labels, value in samples.get(spec.name, ()):
+            if spec.matches(labels):
+                return value
+    return None
+
+
+def _adapters(text: str) -> frozenset[str]:
+    return frozenset(a for a in (p.strip() for p in text.split(",")) if a)
+
+
+def extract(text: str, mapping: EngineMapping, now: float) -> tuple[EndpointMetrics, list[str]]:
+    """Turn /metrics text into a snapshot; also returns the names of signals that were missing."""
+    samples = _samples(text, mapping)
+    missing = []
+    values = {}
+    for key in ("queue", "running", "kv_usage"):
+        v = _first(samples, getattr(mapping, key))
+        if v is None:
+            missing.append(getattr(mapping, key)[0].name)
+        values[key] = v
+    if len(missing) == 3:
+        raise MetricsParseError(f"none of the expected metrics ({', '.join(missing)}) were found")
+
+    active: frozenset[str] = frozenset()
+    waiting: frozenset[str] = frozenset()
+    max_lora = 0
+    for spec in mapping.lora_info:
+        series = [(labels, v) for labels, v in samples.get(spec.name, ()) if spec.matches(labels)]
+        if series:
+            # vLLM emits one series per state change; its value is a timestamp: newest wins.
+            labels, _ = max(series, key=lambda lv: lv[1])
+            active = _adapters(labels.get("running_lora_adapters", ""))
+            waiting = _adapters(labels.get("waiting_lora_adapters", ""))
+            try:
+                max_lora = int(labels.get("max_lora", "0") or 0)
+            except ValueError:
+                max_lora = 0
+            break
+
+    block_size = num_blocks = None
+    for spec in mapping.cache_info:
+        for labels, _ in samples.get(spec.name, ()):
+            if spec.matches(labels):
+                block_size = _int_or_none(labels.get("block_size"))
+                num_blocks = _int_or_none(labels.get("num_gpu_blocks"))
+                break
+    if block_size is None and mapping.cache_block_size:
+        v = _first(samples, mapping.cache_block_size)
+        block_size = int(v) if v is not None else None
+    if num_blocks is None and mapping.cache_num_blocks:
+        v = _first(samples, mapping.cache_num_blocks)
+        num_blocks = int(v) if v is not None else None
+
+    kv = values["kv_usage"] or 0.0
+    m = EndpointMetrics(
+        waiting=int(values["queue"] or 0),
+        running=int(values["running"] or 0),
+        kv_usage=kv / 100.0 if kv > 1.0 else kv,  # some servers report percent
+        active_adapters=active,
+        waiting_adapters=waiting,
+        max_lora=max_lora,
+        block_size=block_size,
+        num_gpu_blocks=num_blocks,
+        scraped_at=now,
+    )
+    return m, missing
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return None
+
+
+class MetricsScraper:
+    """Keeps `Endpoint.metrics` fresh for every endpoint in the datastore."""
+
+    def __init__(
+        self,
+        datastore: Datastore,
+        mapping_for: Callable[[Endpoint], EngineMapping],
+        *,
+        interval: float = 0.05,
+        timeout: float = 1.0,
+        path: str = "/metrics",
+        scheme: str = "http",
+        verify_tls: bool = False,
+    ) -> None:
+        self.datastore = datastore
+        self.mapping_for = mapping_for
+        self.interval = interval
+        self.timeout = timeout
+        self.path = path
+        self.scheme = scheme
+        self.verify_tls = verify_tls
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._tasks: dict[Endpoint, asyncio.Task[None]] = {}
+        self._client: httpx.AsyncClient | None = None
+        self._stopped = threading.Event()
+        self._started = threading.Event()
+
+    # --- lifecycle (called from the main thread) ----------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="metrics-scraper", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        self.datastore.subscribe(self._on_change)
+        self._on_change(self.datastore.all_endpoints(), [])
+
+    def stop(self) -> None:
+        loop = self._loop
+        if loop is None or self._stopped.is_set():
+            return
+        self._stopped.set()
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._shutdown()))
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _on_change(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        loop = self._loop
+        if loop is not None and not self._stopped.is_set():
+            loop.call_soon_threadsafe(self._apply_change, list(added), list(removed))
+
+    # --- the scraper's own thread --------------------------------------------
+    def _run(self) -> None:
+        try:
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover - uvloop is a dependency
+            loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.timeout),
+            verify=self.verify_tls,
+            limits=httpx.Limits(max_keepalive_connections=1024, max_connections=4096),
+        )
+        self._started.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def _apply_change(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        for ep in removed:
+            task = self._tasks.pop(ep, None)
+            if task is not None:
+                task.cancel()
+        for ep in added:
+            if ep not in self._tasks:
+                self._tasks[ep] = asyncio.get_running_loop().create_task(self._scrape_loop(ep))
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+        if self._client is not None:
+            await self._client.aclose()
+        asyncio.get_running_loop().stop()
+
+    async def _scrape_loop(self, ep: Endpoint) -> None:
+        url = ep.metrics_url(self.path, self.scheme)
+        healthy = True
+        while True:
+            started = time.monotonic()
+            error = await self.scrape_once(ep, url)
+            if error is None and not healthy:
+                log.info("metrics of %s are back", ep.name)
+            elif error is not None and healthy:
+                log.warning("cannot read metrics of %s: %s (its state counts as unknown)", ep.name, error)
+            healthy = error is None
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    async def scrape_once(self, ep: Endpoint, url: str | None = None) -> str | None:
+        """One scrape; returns an error message, or None on success."""
+        assert self._client is not None
+        url = url or ep.metrics_url(self.path, self.scheme)
+        try:
+            resp = await self._client.get(url)
+            if resp.status_code != 200:
+                raise MetricsParseError(f"HTTP {resp.status_code} from {url}")
+            if len(resp.content) > MAX_METRICS_BYTES:
+                raise MetricsParseError(f"metrics response of {len(resp.content)} bytes is too large")
+            metrics, missing = extract(resp.text, self.mapping_for(ep), time.monotonic())
+        except httpx.TimeoutException:
+            error = f"timed out after {self.timeout:g}s"
+        except httpx.HTTPError as e:
+            error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        except MetricsParseError as e:
+            error = str(e)
+        else:
+            ep.metrics = metrics
+            ep.scrape_error = f"missing metrics: {', '.join(missing)}" if missing else None
+            return None
+        ep.scrape_error = error
+        return error

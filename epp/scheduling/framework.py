@@ -1,0 +1,111 @@
+"""The plugin interfaces of the scheduler, and the per-request state they share.
+
+A scheduling cycle runs one profile: filters narrow the candidates, each scorer
+gives every candidate a score in [0, 1], the weighted sum goes to the picker.
+Request-lifecycle hooks let a plugin learn what was sent (`PreRequest`) and when it
+finished (`ResponseComplete`). A plugin is one file that subclasses one or more of
+these and registers itself by GIE's `type` name (see `registry`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from epp.datastore import Endpoint, EndpointMetrics
+from epp.requests import InferenceRequest
+
+
+class ConfigError(ValueError):
+    """A configuration problem found at start-up; the message names where."""
+
+
+class CycleState:
+    """Per-request scratch space: the scheduling clock and data plugins pass along."""
+
+    __slots__ = ("data", "now", "staleness")
+
+    def __init__(self, now: float, staleness: float) -> None:
+        self.now = now
+        self.staleness = staleness
+        self.data: dict[str, Any] = {}
+
+    def metrics(self, ep: Endpoint) -> EndpointMetrics | None:
+        """Fresh metrics, or None when the endpoint's state is unknown (never scraped or stale)."""
+        m = ep.metrics
+        if m is None or self.now - m.scraped_at > self.staleness:
+            return None
+        return m
+
+
+class Plugin:
+    """Base of every plugin: a GIE type name and an instance name (defaults to the type)."""
+
+    type_name: ClassVar[str] = ""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name or self.type_name
+
+    @classmethod
+    def from_parameters(cls, name: str, params: dict[str, Any]) -> Plugin:
+        """Build from the `parameters:` of an EndpointPickerConfig entry."""
+        if params:
+            raise ConfigError(f"plugin type {cls.type_name!r} takes no parameters, got {sorted(params)}")
+        return cls(name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class Filter(Plugin):
+    def filter(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+        raise NotImplementedError
+
+
+class Scorer(Plugin):
+    def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
+        """One score in [0, 1] per endpoint, in the same order."""
+        raise NotImplementedError
+
+
+class Picker(Plugin):
+    def pick(
+        self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint], scores: list[float]
+    ) -> list[Endpoint]:
+        """Endpoints to try, best first (the first is the pick, the rest fallbacks)."""
+        raise NotImplementedError
+
+
+class PreRequest:
+    """Told what was picked, just before the pick is sent to the proxy."""
+
+    def pre_request(self, state: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        raise NotImplementedError
+
+
+class ResponseComplete:
+    """Told when a request's response finished (or its stream ended early)."""
+
+    def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None:
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class WeightedScorer:
+    scorer: Scorer
+    weight: float
+
+
+@dataclass(slots=True)
+class SchedulingResult:
+    """The pick, its fallbacks, and why: every candidate's per-scorer and total score."""
+
+    targets: list[Endpoint]
+    candidates: list[Endpoint] = field(default_factory=list)
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    totals: list[float] = field(default_factory=list)
+    profile: str = "default"
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.targets[0]

@@ -1,0 +1,1 @@
+"""Built-in plugins, one per file; each registers its GIE type name on import."""

@@ -1,0 +1,21 @@
+"""kv-cache-utilization-scorer (older configs: kv-cache-scorer): score = 1 - KV-cache usage.
+
+Unknown metrics score 0: a server we cannot see may be full.
+"""
+
+from __future__ import annotations
+
+from epp.datastore import Endpoint
+from epp.requests import InferenceRequest
+from epp.scheduling.framework import CycleState, Scorer
+from epp.scheduling.registry import register
+
+
+@register("kv-cache-utilization-scorer", "kv-cache-scorer")
+class KVCacheUtilizationScorer(Scorer):
+    def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
+        out = []
+        for ep in endpoints:
+            m = state.metrics(ep)
+            out.append(0.0 if m is None else min(1.0, max(0.0, 1.0 - m.kv_usage)))
+        return out

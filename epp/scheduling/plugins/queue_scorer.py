@@ -1,0 +1,31 @@
+"""queue-scorer: prefer short waiting queues, min-max normalised so the shortest scores 1.
+
+An endpoint whose metrics are unknown (never scraped, or stale) is treated as having
+the longest queue: it is not trusted to be idle.
+"""
+
+from __future__ import annotations
+
+from epp.datastore import Endpoint
+from epp.requests import InferenceRequest
+from epp.scheduling.framework import CycleState, Scorer
+from epp.scheduling.registry import register
+
+
+@register("queue-scorer")
+class QueueScorer(Scorer):
+    def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
+        queues = []
+        for ep in endpoints:
+            m = state.metrics(ep)
+            queues.append(None if m is None else m.waiting)
+        known = [q for q in queues if q is not None]
+        if not known:
+            return [0.0] * len(endpoints)
+        lo, hi = min(known), max(known)
+        if len(known) < len(queues):
+            hi = max(hi, lo + 1)  # unknown endpoints sit at the bottom
+        if hi == lo:
+            return [1.0] * len(endpoints)
+        span = hi - lo
+        return [0.0 if q is None else (hi - q) / span for q in queues]

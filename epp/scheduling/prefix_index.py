@@ -1,0 +1,86 @@
+"""Which prompt prefixes each server has probably cached.
+
+The prompt is cut into fixed-size blocks; each block's hash chains the previous one
+(xxhash64 seeded with the previous hash, the first seeded with the model name), so a
+block hash identifies the whole prefix up to it, as vLLM's automatic prefix cache
+does. Each server has an LRU of the block hashes the EPP sent it, bounded by
+`capacity_per_server` entries: memory stays bounded whatever the traffic.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import xxhash
+
+
+def block_hashes(model: str, prompt: str, block_chars: int, max_blocks: int) -> list[int]:
+    """Chained hashes of the prompt's full blocks, at most `max_blocks` of them.
+
+    A trailing partial block is hashed too (GIE does the same): it lets identical
+    short prompts match, and costs nothing when prompts only share full blocks.
+    """
+    data = prompt.encode("utf-8", "surrogatepass")
+    if not data:
+        return []
+    limit = min(len(data), block_chars * max_blocks)
+    view = memoryview(data)
+    prev = xxhash.xxh64_intdigest(model.encode())
+    out: list[int] = []
+    digest = xxhash.xxh64_intdigest
+    for start in range(0, limit, block_chars):
+        prev = digest(view[start : min(start + block_chars, limit)], seed=prev)
+        out.append(prev)
+    return out
+
+
+class PrefixIndex:
+    """Per-server LRU sets of block hashes."""
+
+    def __init__(self, capacity_per_server: int) -> None:
+        self.capacity = capacity_per_server
+        self._servers: dict[str, OrderedDict[int, None]] = {}
+
+    def match(self, hashes: list[int], servers: Iterable[str]) -> dict[str, int]:
+        """Number of leading blocks of `hashes` each server holds (servers with none are left out)."""
+        out: dict[str, int] = {}
+        if not hashes:
+            return out
+        first = hashes[0]
+        for server in servers:
+            lru = self._servers.get(server)
+            if lru is None or first not in lru:
+                continue
+            n = 1
+            for h in hashes[1:]:
+                if h not in lru:
+                    break
+                n += 1
+            out[server] = n
+        return out
+
+    def add(self, server: str, hashes: list[int]) -> None:
+        """Record that these blocks were sent to `server` (it will cache them)."""
+        lru = self._servers.get(server)
+        if lru is None:
+            lru = self._servers[server] = OrderedDict()
+        move = lru.move_to_end
+        for h in hashes:
+            if h in lru:
+                move(h)
+            else:
+                lru[h] = None
+        excess = len(lru) - self.capacity
+        for _ in range(excess):
+            lru.popitem(last=False)
+
+    def remove_server(self, server: str) -> None:
+        self._servers.pop(server, None)
+
+    def size(self) -> int:
+        """Total entries across servers (GIE's prefix_indexer_size)."""
+        return sum(len(lru) for lru in self._servers.values())
+
+    def servers(self) -> list[str]:
+        return list(self._servers)
