@@ -100,8 +100,8 @@ class Stack:
 
     def start_simulators(self) -> None:
         self._spawn("simulators", [
-            sys.executable, "-m", "bench.simulator", "--port", str(self.sim_ports[0]),
-            "--count", str(len(self.sim_ports)), *self.opts.sim_args,
+            sys.executable, "-m", "bench.simulator", "--ports", ",".join(map(str, self.sim_ports)),
+            *self.opts.sim_args,
         ])
         for port in self.sim_ports:
             wait_until(lambda p=port: _http_ok(f"http://127.0.0.1:{p}/health"), 30,

@@ -18,6 +18,7 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="port of the first server")
     p.add_argument("--count", type=int, default=1, help="servers to run, on consecutive ports")
+    p.add_argument("--ports", default="", help="comma-separated ports, one server each (overrides --port/--count)")
     p.add_argument("--name-prefix", default="sim")
     p.add_argument("--model", action="append", default=None, help="base model name(s) served")
     p.add_argument("--lora", action="append", default=[], help="LoRA adapter name(s) that can be loaded")
@@ -30,7 +31,8 @@ def main() -> None:
 
     async def run() -> None:
         servers = []
-        for i in range(args.count):
+        ports = [int(x) for x in args.ports.split(",") if x] or [args.port + i for i in range(args.count)]
+        for i, port in enumerate(ports):
             cfg = EngineConfig(
                 max_num_seqs=args.max_num_seqs, num_gpu_blocks=args.num_gpu_blocks,
                 prefill_ms_per_token=args.prefill_ms_per_token, decode_ms_per_token=args.decode_ms_per_token,
@@ -38,10 +40,10 @@ def main() -> None:
             )
             if args.model:
                 cfg.models = list(args.model)
-            s = SimulatedServer(f"{args.name_prefix}-{i}", args.port + i, cfg, args.host)
+            s = SimulatedServer(f"{args.name_prefix}-{i}", port, cfg, args.host)
             await s.start()
             servers.append(s)
-        print(f"simulators ready on {args.host}:{args.port}..{args.port + args.count - 1}", flush=True)
+        print(f"simulators ready on {args.host}: {', '.join(map(str, ports))}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -71,7 +71,7 @@ class SimulatedServer:
         return {"x-simulator-pod": self.name, "x-simulator-port": str(self.port)}
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
 

@@ -1,0 +1,88 @@
+"""EndpointPickerConfig loading: GIE's files load unchanged; mistakes fail at start-up naming the line."""
+
+import pytest
+
+from epp.scheduling.framework import ConfigError
+from epp.scheduling.picker_config import default_config, load_text
+
+GIE_STYLE = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+featureGates: []
+plugins:
+- type: queue-scorer
+- type: kv-cache-scorer            # an older release's name
+- type: prefix-cache-scorer
+  parameters:
+    hashBlockSize: 64
+    maxPrefixBlocksToMatch: 256
+    lruCapacityPerServer: 31250
+- type: max-score-picker
+- type: single-profile-handler
+- type: metrics-data-source        # data-layer plugins GIE configures; built in here
+- type: core-metrics-extractor
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+  - pluginRef: kv-cache-scorer
+    weight: 1
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: max-score-picker
+saturationDetector:
+  queueDepthThreshold: 8
+  kvCacheUtilThreshold: 0.9
+  metricsStalenessThreshold: 150ms
+"""
+
+
+def test_default_matches_gie_weights() -> None:
+    profile = default_config().scheduler.profiles[0]
+    weights = {ws.scorer.type_name: ws.weight for ws in profile.scorers}
+    assert weights["queue-scorer"] == 2
+    assert weights["kv-cache-utilization-scorer"] == 2
+    assert weights["prefix-cache-scorer"] == 3
+    assert profile.picker is not None
+    assert profile.picker.type_name == "max-score-picker"
+
+
+def test_gie_config_loads_unchanged() -> None:
+    cfg = load_text(GIE_STYLE)
+    profile = cfg.scheduler.profiles[0]
+    assert [(ws.scorer.name, ws.weight) for ws in profile.scorers] == [
+        ("queue-scorer", 1.0), ("kv-cache-scorer", 1.0), ("prefix-cache-scorer", 3.0)]
+    assert profile.scorers[2].scorer.block_chars == 64
+    assert cfg.saturation.queue_depth_threshold == 8
+    assert cfg.saturation.metrics_staleness_threshold == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "needle"),
+    [
+        ("plugins:\n- type: queue-scorer\n- type: no-such-scorer\nschedulingProfiles: []\n", 3,
+         "unknown plugin type 'no-such-scorer'"),
+        ("plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: missing\n",
+         6, "pluginRef 'missing' names no plugin"),
+        ("plugins:\n- type: prefix-cache-scorer\n  parameters:\n    lruCapacityPerServer: -1\n"
+         "schedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: prefix-cache-scorer\n", 2,
+         "'lruCapacityPerServer' must be >= 1"),
+        ("plugins:\n- type: prefix-cache-scorer\n  parameters:\n    blockSizeTokenz: 4\n"
+         "schedulingProfiles: []\n", 2, "unknown parameter"),
+        ("plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: p\n  plugins:\n"
+         "  - pluginRef: queue-scorer\n    weight: lots\n", 6, "weight"),
+        ("kind: Deployment\nplugins: []\n", 1, "kind must be EndpointPickerConfig"),
+        ("plugins:\n- type: queue-scorer\n  name: q\n- type: kv-cache-scorer\n  name: q\n"
+         "schedulingProfiles: []\n", 4, "duplicate plugin name"),
+    ],
+)
+def test_config_errors_name_the_line(text: str, line: int, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_text(text, "cfg.yaml")
+    assert f"cfg.yaml:{line}:" in str(e.value)
+    assert needle in str(e.value)
+
+
+def test_yaml_syntax_error() -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_text("plugins: [\n", "cfg.yaml")

@@ -1,0 +1,96 @@
+"""Model-server metrics: extraction per engine, and real HTTP scrapes (healthy, hanging, broken)."""
+
+import asyncio
+import time
+
+import pytest
+
+from bench.simulator.engine import EngineConfig
+from bench.simulator.server import SimulatedServer
+from bench.stack import free_ports
+from epp.datastore import Datastore
+from epp.discovery.static import static_endpoints
+from epp.metrics.mappings import ENGINES, parse_spec, with_overrides
+from epp.metrics.scraper import MetricsParseError, MetricsScraper, extract
+
+VLLM = """\
+# HELP vllm:num_requests_waiting Number of requests waiting.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="m"} 3.0
+vllm:num_requests_running{model_name="m"} 7.0
+vllm:gpu_cache_usage_perc{model_name="m"} 0.42
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="a,b",waiting_lora_adapters=""} 1700000000.0
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="a,b,c",waiting_lora_adapters="d"} 1700000100.0
+vllm:cache_config_info{block_size="16",num_gpu_blocks="9000"} 1.0
+vllm:e2e_request_latency_seconds_bucket{le="1.0",model_name="m"} 5.0
+"""
+
+
+def test_extract_vllm_with_older_kv_name_and_newest_lora_series() -> None:
+    m, missing = extract(VLLM, ENGINES["vllm"], now=5.0)
+    assert (m.waiting, m.running, m.kv_usage) == (3, 7, pytest.approx(0.42))
+    assert m.active_adapters == {"a", "b", "c"}
+    assert m.waiting_adapters == {"d"}
+    assert m.max_lora == 4
+    assert (m.block_size, m.num_gpu_blocks, m.scraped_at) == (16, 9000, 5.0)
+    assert missing == []
+
+
+def test_extract_trtllm_label_specs() -> None:
+    text = (
+        'nv_trt_llm_request_metrics{request_type="waiting"} 2\n'
+        'nv_trt_llm_request_metrics{request_type="scheduled"} 5\n'
+        'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction"} 0.3\n'
+        'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="tokens_per"} 32\n'
+    )
+    m, _ = extract(text, ENGINES["trtllm-serve"], now=0)
+    assert (m.waiting, m.running, m.kv_usage, m.block_size) == (2, 5, pytest.approx(0.3), 32)
+
+
+def test_metric_name_flags_override() -> None:
+    mapping = with_overrides(ENGINES["vllm"], queue="custom:queue")
+    m, _ = extract("custom:queue 9\nvllm:num_requests_running 1\n", mapping, now=0)
+    assert m.waiting == 9
+    assert parse_spec("a{b=c, d=\"e\"}").labels == (("b", "c"), ("d", "e"))
+
+
+def test_not_a_model_server() -> None:
+    with pytest.raises(MetricsParseError, match="none of the expected metrics"):
+        extract("go_goroutines 12\n", ENGINES["vllm"], now=0)
+
+
+async def _wait_for(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_scrapes_real_servers_and_survives_a_hanging_and_a_broken_one() -> None:
+    ports = free_ports(3)
+    servers = [SimulatedServer(f"s{i}", p, EngineConfig()) for i, p in enumerate(ports)]
+    for s in servers:
+        await s.start()
+    servers[1].metrics_delay = 30.0  # hangs
+    servers[2].metrics_status = 500  # broken
+    ds = Datastore(staleness=2.0)
+    scraper = MetricsScraper(ds, lambda ep: ENGINES["vllm"], interval=0.02, timeout=0.3)
+    try:
+        scraper.start()
+        ds.set_endpoints(static_endpoints([f"127.0.0.1:{p}" for p in ports]))
+        eps = ds.all_endpoints()
+        await _wait_for(lambda: eps[0].metrics is not None and eps[1].scrape_error and eps[2].scrape_error)
+        assert eps[0].scrape_error is None
+        assert "timed out" in eps[1].scrape_error
+        assert eps[1].metrics is None
+        assert "HTTP 500" in eps[2].scrape_error
+        # The healthy server keeps being scraped while the other two fail.
+        first = eps[0].metrics.scraped_at
+        await _wait_for(lambda: eps[0].metrics.scraped_at > first)
+        # A server removed from the pool stops being scraped.
+        ds.set_endpoints([eps[0]])
+        await _wait_for(lambda: len(scraper._tasks) == 1)
+    finally:
+        scraper.stop()
+        for s in servers:
+            await s.stop()
