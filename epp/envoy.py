@@ -96,8 +96,12 @@ class EnvoyProcess:
     def url(self) -> str:
         return f"http://{self.opts.listen_address}:{self.opts.listen_port}"
 
+    def config(self) -> dict[str, Any]:
+        """The bootstrap this process runs; subclasses may change it."""
+        return render(self.opts)
+
     def start(self) -> EnvoyProcess:
-        self.config_path.write_text(yaml.safe_dump(render(self.opts)))
+        self.config_path.write_text(yaml.safe_dump(self.config()))
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [envoy_binary(), "-c", str(self.config_path), "--log-level", self.log_level,
