@@ -129,6 +129,3 @@ class Datastore:
         if added or removed:
             for listener in self._listeners:
                 listener(added, removed)
-
-    def refresh_ready(self) -> None:
-        self._ready = tuple(ep for ep in self._by_key.values() if ep.ready)

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bench.simulator.engine import CHARS_PER_TOKEN, Engine, EngineConfig
+from bench.simulator.engine import Engine, EngineConfig
 
 # A fixed vocabulary: output text is deterministic for a given request.
 _WORDS = ("the", "model", "routes", "tokens", "quickly", "and", "prefix", "cache", "hits", "well")
@@ -184,7 +184,3 @@ class SimulatedServer:
             return resp
         finally:
             engine.release(held)
-
-
-def tokens_of(text: str) -> int:
-    return max(1, len(text) // CHARS_PER_TOKEN)

@@ -9,6 +9,7 @@ these and registers itself by GIE's `type` name (see `registry`).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -57,37 +58,42 @@ class Plugin:
         return f"{type(self).__name__}({self.name!r})"
 
 
-class Filter(Plugin):
+class Filter(Plugin, ABC):
+    @abstractmethod
     def filter(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
-        raise NotImplementedError
+        ...
 
 
-class Scorer(Plugin):
+class Scorer(Plugin, ABC):
+    @abstractmethod
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         """One score in [0, 1] per endpoint, in the same order."""
-        raise NotImplementedError
+        ...
 
 
-class Picker(Plugin):
+class Picker(Plugin, ABC):
+    @abstractmethod
     def pick(
         self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint], scores: list[float]
     ) -> list[Endpoint]:
         """Endpoints to try, best first (the first is the pick, the rest fallbacks)."""
-        raise NotImplementedError
+        ...
 
 
-class PreRequest:
+class PreRequest(ABC):
     """Told what was picked, just before the pick is sent to the proxy."""
 
+    @abstractmethod
     def pre_request(self, state: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
-        raise NotImplementedError
+        ...
 
 
-class ResponseComplete:
+class ResponseComplete(ABC):
     """Told when a request's response finished (or its stream ended early)."""
 
+    @abstractmethod
     def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None:
-        raise NotImplementedError
+        ...
 
 
 @dataclass(slots=True)
