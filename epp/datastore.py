@@ -45,8 +45,7 @@ class Endpoint:
     hostport: str = ""
 
     def __post_init__(self) -> None:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        self.hostport = f"{host}:{self.port}"
+        self.hostport = f"{self.host}:{self.port}"
         if not self.name:
             self.name = self.hostport
 
@@ -57,9 +56,13 @@ class Endpoint:
             return None
         return m
 
+    @property
+    def host(self) -> str:
+        """The address as it goes in a URL or ip:port (IPv6 in brackets)."""
+        return f"[{self.address}]" if ":" in self.address else self.address
+
     def metrics_url(self, path: str, scheme: str = "http") -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{scheme}://{host}:{self.metrics_port or self.port}{path}"
+        return f"{scheme}://{self.host}:{self.metrics_port or self.port}{path}"
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

@@ -33,10 +33,7 @@ class CycleState:
 
     def metrics(self, ep: Endpoint) -> EndpointMetrics | None:
         """Fresh metrics, or None when the endpoint's state is unknown (never scraped or stale)."""
-        m = ep.metrics
-        if m is None or self.now - m.scraped_at > self.staleness:
-            return None
-        return m
+        return ep.fresh_metrics(self.now, self.staleness)
 
 
 class Plugin:
