@@ -9,7 +9,9 @@ these and registers itself by GIE's `type` name (see `registry`).
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -51,6 +53,9 @@ class Plugin:
             raise ConfigError(f"plugin type {cls.type_name!r} takes no parameters, got {sorted(params)}")
         return cls(name)
 
+    def bind(self, lookup: Callable[[str], Plugin | None]) -> None:
+        """Resolve references to other plugins by name, once all are built (see decision-tree-filter)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -75,6 +80,24 @@ class Picker(Plugin, ABC):
     ) -> list[Endpoint]:
         """Endpoints to try, best first (the first is the pick, the rest fallbacks)."""
         ...
+
+
+class CountedPicker(Picker):
+    """A picker that returns up to `maxNumOfEndpoints` endpoints (the pick, then fallbacks), with a seedable rng."""
+
+    def __init__(self, name: str = "", *, max_endpoints: int = 1, seed: int | None = None) -> None:
+        super().__init__(name)
+        self.max_endpoints = max_endpoints
+        self.rng = random.Random(seed)
+
+    @classmethod
+    def from_parameters(cls, name: str, params: dict[str, Any]) -> Plugin:
+        from epp.scheduling.params import Params
+
+        p = Params(cls.type_name, params)
+        max_endpoints = p.int("maxNumOfEndpoints", 1, minimum=1)
+        p.done()
+        return cls(name, max_endpoints=max_endpoints)
 
 
 class PreRequest(ABC):

@@ -14,12 +14,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from epp.durations import parse_duration
 from epp.scheduling import registry
 from epp.scheduling.framework import ConfigError, Filter, Picker, Plugin, Scorer, WeightedScorer
 from epp.scheduling.scheduler import Scheduler, SchedulingProfile
+from epp.yaml_lines import YamlError, load_documents
+from epp.yaml_lines import where as _where
 
 log = logging.getLogger(__name__)
 
@@ -92,49 +92,16 @@ class PickerConfig:
     source: str = "default"
 
 
-class _LineDict(dict):  # type: ignore[type-arg]
-    line = 0
-
-
-class _LineList(list):  # type: ignore[type-arg]
-    line = 0
-
-
-def _to_python(node: yaml.Node) -> Any:
-    if isinstance(node, yaml.MappingNode):
-        d = _LineDict()
-        d.line = node.start_mark.line + 1
-        for k, v in node.value:
-            d[_to_python(k)] = _to_python(v)
-        return d
-    if isinstance(node, yaml.SequenceNode):
-        seq = _LineList(_to_python(v) for v in node.value)
-        seq.line = node.start_mark.line + 1
-        return seq
-    return _scalar(node)
-
-
-def _scalar(node: yaml.Node) -> Any:
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    finally:
-        loader.dispose()
-
-
-def _where(obj: Any, source: str) -> str:
-    line = getattr(obj, "line", 0)
-    return f"{source}:{line}" if line else source
-
-
 def load_text(text: str, source: str = "<config>", *, seed: int | None = None) -> PickerConfig:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
-    if node is None:
+        docs = load_documents(text, source)
+    except YamlError as e:
+        raise ConfigError(str(e)) from None
+    if not docs:
         raise ConfigError(f"{source}: the configuration is empty")
-    doc = _to_python(node)
+    if len(docs) > 1:
+        raise ConfigError(f"{_where(docs[1], source)}: expected one EndpointPickerConfig document, got {len(docs)}")
+    doc = docs[0]
     if not isinstance(doc, dict):
         raise ConfigError(f"{_where(doc, source)}: the configuration must be a mapping")
     return _build(doc, source, seed)
@@ -207,6 +174,14 @@ def _build(doc: dict[str, Any], source: str, seed: int | None) -> PickerConfig:
         if seed is not None and hasattr(plugin, "rng"):
             plugin.rng.seed(seed)
         plugins[name] = plugin
+
+    for spec in specs:
+        plugin = plugins.get(spec.get("name") or spec.get("type"))
+        if plugin is not None:
+            try:
+                plugin.bind(plugins.get)
+            except ConfigError as e:
+                raise fail(spec, str(e)) from None
 
     profiles_spec = doc.get("schedulingProfiles")
     if not isinstance(profiles_spec, list) or not profiles_spec:

@@ -28,16 +28,18 @@ def register(*type_names: str) -> Callable[[P], P]:
     return wrap
 
 
-def _load_builtin() -> None:
-    from epp.scheduling import plugins
-
-    for mod in pkgutil.iter_modules(plugins.__path__):
-        importlib.import_module(f"{plugins.__name__}.{mod.name}")
+_loaded = False
 
 
 def plugin_types() -> dict[str, type[Plugin]]:
-    if not _TYPES:
-        _load_builtin()
+    """Every registered type; the built-in plugin modules are imported on first use."""
+    global _loaded
+    if not _loaded:
+        from epp.scheduling import plugins
+
+        for mod in pkgutil.iter_modules(plugins.__path__):
+            importlib.import_module(f"{plugins.__name__}.{mod.name}")
+        _loaded = True
     return dict(_TYPES)
 
 

@@ -1,0 +1,55 @@
+"""YAML loading that remembers where each mapping and list came from, for errors that name the line.
+
+Operators edit these files by hand; "pool.yaml:14: weight must be ..." beats a
+traceback. Mappings and lists carry `.line` (1-based); scalars are plain values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+
+class LineDict(dict):  # type: ignore[type-arg]
+    line = 0
+
+
+class LineList(list):  # type: ignore[type-arg]
+    line = 0
+
+
+class YamlError(ValueError):
+    """The text is not valid YAML; the message names the source."""
+
+
+def _to_python(node: yaml.Node, constructor: yaml.SafeLoader) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        d = LineDict()
+        d.line = node.start_mark.line + 1
+        for k, v in node.value:
+            d[_to_python(k, constructor)] = _to_python(v, constructor)
+        return d
+    if isinstance(node, yaml.SequenceNode):
+        seq = LineList(_to_python(v, constructor) for v in node.value)
+        seq.line = node.start_mark.line + 1
+        return seq
+    return constructor.construct_object(node, deep=True)
+
+
+def load_documents(text: str, source: str) -> list[Any]:
+    """Every document of a (multi-document) YAML text, with line numbers; empty documents dropped."""
+    constructor = yaml.SafeLoader("")
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        return [_to_python(n, constructor) for n in nodes if n is not None]
+    except yaml.YAMLError as e:
+        raise YamlError(f"{source}: not valid YAML: {e}") from None
+    finally:
+        constructor.dispose()
+
+
+def where(obj: Any, source: str) -> str:
+    """'source:line' for a loaded mapping or list, else just the source."""
+    line = getattr(obj, "line", 0)
+    return f"{source}:{line}" if line else source
