@@ -1,4 +1,4 @@
-"""Admission: a request's priority, and shedding of sheddable work when the pool is saturated.
+"""Admission: a request's model rewrite and priority, and shedding of sheddable work when the pool is saturated.
 
 A pod has capacity while its metrics are fresh and its queue and KV-cache use are
 under the thresholds; the pool is saturated when no candidate has capacity. Then
@@ -33,8 +33,17 @@ class Admission:
         self.datastore = datastore
         self.detector = detector
 
-    def admit(self, request: InferenceRequest, candidates: Sequence[Endpoint], now: float) -> None:
-        """Set the request's priority; raise 429 if it is sheddable and the pool is saturated."""
+    def admit(self, request: InferenceRequest, candidates: Sequence[Endpoint], now: float) -> str | None:
+        """Apply the model rewrite and set the priority; raise 429 if sheddable and the pool is saturated.
+
+        Returns the name of the InferenceModelRewrite that chose the target model, if one did.
+        """
+        rewrite = None
+        rewrites = self.datastore.rewrites
+        if rewrites:
+            chosen = rewrites.rewrite(request.model)
+            if chosen is not None:
+                request.target_model, rewrite = chosen
         request.priority = self.datastore.objectives.get(request.objective, 0) if request.objective else 0
         if request.priority < 0 and self.detector.saturated(candidates, now):
             raise errors.EppError(
@@ -42,3 +51,4 @@ class Admission:
                 "the inference pool is saturated and this request is sheddable (priority < 0); retry later",
                 reason="pool_saturated",
             )
+        return rewrite

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from epp.rewrites import ModelRewrites
+
 
 @dataclass(frozen=True, slots=True)
 class EndpointMetrics:
@@ -93,6 +95,8 @@ class Datastore:
         self.pool_synced = False
         # InferenceObjective name -> priority (absent means priority 0).
         self.objectives: dict[str, int] = {}
+        # InferenceModelRewrite rules of the pool; replaced whole on reload.
+        self.rewrites = ModelRewrites()
 
     # --- readers -----------------------------------------------------------
     def ready_endpoints(self) -> tuple[Endpoint, ...]:

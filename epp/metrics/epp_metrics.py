@@ -96,6 +96,10 @@ class EppMetrics:
             "inference_extension_scheduler_attempts_total", "Total number of scheduling attempts.",
             ("status", "target_model_name", "pod_name", "namespace", "port"), registry=r,
         )
+        self.model_rewrites = Counter(
+            "inference_extension_model_rewrite_decisions_total", "Total number of inference model rewrite decisions.",
+            ("model_rewrite_name", "model_name", "target_model"), registry=r,
+        )
         self.prefix_indexer_size = Gauge(
             "inference_extension_prefix_indexer_size", "Size of the prefix indexer.", registry=r,
         )
