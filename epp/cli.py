@@ -50,6 +50,11 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pool")
     g.add_argument("--endpoints", action="append", default=[], metavar="IP:PORT[,IP:PORT...]",
                    help="a static pool of model servers, for running without Kubernetes")
+    g.add_argument("--pool-file", metavar="YAML",
+                   help="InferencePool, Pods, InferenceObjectives and InferenceModelRewrites as Kubernetes "
+                        "manifests; re-read when it changes (running without a cluster)")
+    g.add_argument("--pool-file-reload-interval", type=_duration, default=1.0,
+                   help="how often --pool-file is checked for changes (1s)")
     g.add_argument("--pool-name", default="default", help="InferencePool name (labels pool metrics)")
     g.add_argument("--pool-namespace", default="default")
     g = p.add_argument_group("model-server metrics")
@@ -94,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="run the ext_proc server")
     _serve_parser(serve)
+    ex = sub.add_parser("explain", help="ask a running epp where a request would go, and why (sends nothing)")
+    ex.add_argument("--server", default="localhost:9002", help="epp's ext_proc gRPC address (localhost:9002)")
+    ex.add_argument("--path", default="/v1/completions", help="request path (/v1/completions)")
+    ex.add_argument("-H", "--header", action="append", default=[], metavar="NAME: VALUE",
+                    help="a request header, e.g. 'x-gateway-inference-objective: batch'")
+    ex.add_argument("--subset", action="append", default=[], metavar="IP:PORT", help="restrict to these endpoints")
+    ex.add_argument("--json", action="store_true", help="print the raw response as JSON")
+    ex.add_argument("--timeout", type=_duration, default=5.0)
+    ex.add_argument("body", help="the JSON request body, @FILE to read it from a file, or - for stdin")
     demo = sub.add_parser("demo", help="Envoy + epp + three simulated model servers, a few requests")
     demo.add_argument("--keep", action="store_true", help="stay up after the requests (Ctrl-C to stop)")
     demo.add_argument("--base-port", type=int, default=18000, help="first of the loopback ports used")
@@ -109,6 +123,8 @@ def _options(args: argparse.Namespace):
         metrics_port=args.metrics_port,
         bind_address=args.bind_address,
         endpoints=args.endpoints,
+        pool_file=args.pool_file,
+        pool_file_reload_interval=args.pool_file_reload_interval,
         pool_name=args.pool_name,
         pool_namespace=args.pool_namespace,
         refresh_metrics_interval=args.refresh_metrics_interval,
@@ -144,6 +160,39 @@ async def _serve(opts) -> None:
     await server.wait()
 
 
+def _explain(args: argparse.Namespace) -> int:
+    import grpc
+
+    from epp import explain
+
+    if args.body == "-":
+        body = sys.stdin.buffer.read()
+    elif args.body.startswith("@"):
+        try:
+            with open(args.body[1:], "rb") as f:
+                body = f.read()
+        except OSError as e:
+            print(f"epp explain: cannot read {args.body[1:]}: {e.strerror}", file=sys.stderr)
+            return 2
+    else:
+        body = args.body.encode()
+    headers = {}
+    for h in args.header:
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip():
+            print(f"epp explain: header {h!r} is not 'name: value'", file=sys.stderr)
+            return 2
+        headers[name.strip().lower()] = value.strip()
+    try:
+        resp = explain.query(args.server, body, path=args.path, headers=headers, subset=args.subset,
+                             timeout=args.timeout)
+    except grpc.RpcError as e:
+        print(f"epp explain: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    print(explain.to_json(resp) if args.json else explain.render(resp))
+    return 1 if resp.HasField("error") else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -152,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return 2
+    if args.command == "explain":
+        return _explain(args)
     if args.command == "demo":
         from epp.demo import run_demo
 

@@ -32,6 +32,17 @@ class Decision:
         return self.result.targets[0]
 
 
+@dataclass(slots=True)
+class DryRun:
+    """What scheduling a request would do now (see `Director.dry_run`)."""
+
+    candidates: list[Endpoint]
+    result: SchedulingResult | None = None
+    rewrite: str | None = None
+    saturated: bool = False
+    error: errors.EppError | None = None
+
+
 class Director:
     def __init__(self, datastore: Datastore, config: PickerConfig, metrics: EppMetrics | None = None) -> None:
         self.datastore = datastore
@@ -48,9 +59,7 @@ class Director:
         allowed = set(subset)
         return [ep for ep in ready if ep.hostport in allowed]
 
-    def decide(self, request: InferenceRequest, subset: Sequence[str] | None = None) -> Decision:
-        """Pick an endpoint for the request, or raise EppError (429, 503)."""
-        started = time.perf_counter()
+    def candidates_or_fail(self, subset: Sequence[str] | None) -> list[Endpoint]:
         candidates = self.candidates(subset)
         if not candidates:
             if subset is not None:
@@ -60,9 +69,17 @@ class Director:
                     reason="no_endpoint",
                 )
             raise errors.EppError(errors.SERVICE_UNAVAILABLE, "no ready endpoint in the pool", reason="no_endpoint")
-        now = time.monotonic()
+        return candidates
+
+    def decide(self, request: InferenceRequest, subset: Sequence[str] | None = None) -> Decision:
+        """Pick an endpoint for the request, or raise EppError (429, 503)."""
+        started = time.perf_counter()
+        candidates = self.candidates_or_fail(subset)
+        now = self.datastore.now()
         if request.kind in INFERENCE_KINDS:
-            self.admission.admit(request, candidates, now)
+            rewrite = self.admission.admit(request, candidates, now)
+            if rewrite is not None and self.metrics is not None:
+                self.metrics.model_rewrites.labels(rewrite, request.model, request.target_model).inc()
         result, state = self.scheduler.schedule(request, candidates, now, self.datastore.staleness)
         self.scheduler.pre_request(state, request, result)
         ep = result.targets[0]
@@ -73,6 +90,23 @@ class Director:
             m.scheduler_e2e.observe(time.perf_counter() - started)
             m.scheduler_attempts.labels("success", request.target_model, ep.name, "", str(ep.port)).inc()
         return Decision(result, state, targets)
+
+    def dry_run(self, request: InferenceRequest, subset: Sequence[str] | None = None) -> DryRun:
+        """Everything `decide` would do, without doing it: no in-flight count, no hooks, nothing shed."""
+        run = DryRun(self.candidates(subset))
+        now = self.datastore.now()
+        try:
+            self.candidates_or_fail(subset)
+            run.saturated = self.admission.detector.saturated(run.candidates, now)
+            if request.kind in INFERENCE_KINDS:
+                try:
+                    run.rewrite = self.admission.admit(request, run.candidates, now)
+                except errors.EppError as e:
+                    run.error = e  # shed: still show how it would have been scored
+            run.result, _ = self.scheduler.schedule(request, run.candidates, now, self.datastore.staleness)
+        except errors.EppError as e:
+            run.error = run.error or e
+        return run
 
     def finish(self, request: InferenceRequest, decision: Decision) -> None:
         """The request's response ended (or its stream did). Call exactly once per decision."""

@@ -17,13 +17,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from epp._proto import explain_pb2_grpc
 from epp.datastore import Datastore, Endpoint
 from epp.director import Director
+from epp.discovery import manifests
 from epp.discovery.static import static_endpoints
+from epp.explain import ExplainService
 from epp.extproc.processor import SERVICE, ExternalProcessor
 from epp.metrics import mappings
 from epp.metrics.epp_metrics import EppMetrics
 from epp.metrics.scraper import MetricsScraper
+from epp.rewrites import ModelRewrites
 from epp.scheduling import picker_config
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,8 @@ class ServeOptions:
     metrics_port: int = 9090
     bind_address: str = "0.0.0.0"
     endpoints: list[str] = field(default_factory=list)
+    pool_file: str | None = None
+    pool_file_reload_interval: float = 1.0
     pool_name: str = "default"
     pool_namespace: str = "default"
     refresh_metrics_interval: float = 0.05
@@ -113,6 +119,31 @@ class EppServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self.initial_endpoints: list[Endpoint] = static_endpoints(opts.endpoints, opts.model_server_metrics_port)
+        self._started = False
+        self.pool_file: manifests.PoolFileWatcher | None = None
+        if opts.pool_file:
+            snap = manifests.read(opts.pool_file, opts.pool_name, opts.pool_namespace)
+            if snap.has_pool and self.initial_endpoints:
+                raise manifests.ManifestError(
+                    f"{opts.pool_file} defines an InferencePool and --endpoints lists a pool too; give one of them"
+                )
+            self.apply_pool_file(snap)
+            self.pool_file = manifests.PoolFileWatcher(
+                opts.pool_file, opts.pool_name, opts.pool_namespace, self.apply_pool_file,
+                interval=opts.pool_file_reload_interval,
+            )
+
+    def apply_pool_file(self, snap: manifests.PoolSnapshot) -> None:
+        """Install what the pool file says: objectives and rewrites always, endpoints if it has a pool."""
+        self.datastore.objectives = snap.objectives
+        self.datastore.rewrites = ModelRewrites(snap.rewrites, seed=self.opts.seed)
+        if snap.has_pool:
+            for ep in snap.endpoints:
+                ep.metrics_port = self.opts.model_server_metrics_port
+            if self._started:
+                self.datastore.set_endpoints(snap.endpoints)
+            else:
+                self.initial_endpoints = snap.endpoints
 
     def _mapping_for(self, ep: Endpoint) -> mappings.EngineMapping:
         engine = ep.labels.get(mappings.ENGINE_LABEL, self.opts.engine_type)
@@ -123,6 +154,7 @@ class EppServer:
         main = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100000)])
         main.add_generic_rpc_handlers((self.processor.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
+        explain_pb2_grpc.add_ExplainServicer_to_server(ExplainService(self.director), main)
         self._bind(main, opts.grpc_port)
         self._servers.append(main)
         if opts.grpc_health_port and opts.grpc_health_port != opts.grpc_port:
@@ -138,10 +170,13 @@ class EppServer:
         for s in self._servers:
             await s.start()
         self.scraper.start()
-        if self.initial_endpoints:
+        if self.initial_endpoints or self.pool_file is not None:
             self.datastore.set_endpoints(self.initial_endpoints)
+        self._started = True
         await self._update_health()
         self._tasks.append(asyncio.create_task(self._pool_metrics_loop()))
+        if self.pool_file is not None:
+            self._tasks.append(asyncio.create_task(self.pool_file.run()))
         log.info(
             "epp serving ext_proc on :%d, health on :%d, metrics on :%d; pool %s with %d endpoints",
             opts.grpc_port, opts.grpc_health_port, opts.metrics_port, opts.pool_name,

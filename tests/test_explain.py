@@ -1,0 +1,123 @@
+"""The explain API over real gRPC, the `epp explain` CLI, and the generated modules being current."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bench.stack import free_ports
+from epp import cli, explain
+from epp.datastore import EndpointMetrics
+from epp.server import EppServer, ServeOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def epp():
+    ports = free_ports(5)
+    server = EppServer(ServeOptions(
+        grpc_port=ports[0], grpc_health_port=ports[1], metrics_port=0, bind_address="127.0.0.1",
+        endpoints=[f"127.0.0.1:{p}" for p in ports[2:5]], seed=1,
+    ))
+    server.datastore.objectives = {"batch": -1}
+    await server.start()
+    server.addr = f"127.0.0.1:{ports[0]}"
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0)
+
+
+def set_load(server: EppServer, *loads: tuple[int, float, tuple[str, ...]]) -> None:
+    for ep, (waiting, kv, adapters) in zip(server.datastore.all_endpoints(), loads, strict=True):
+        ep.metrics = EndpointMetrics(waiting=waiting, kv_usage=kv, active_adapters=frozenset(adapters), max_lora=2,
+                                     scraped_at=time.monotonic() + 60)  # fresh for the whole test
+
+
+def body(model: str = "m", prompt: str = "why is the sky blue") -> bytes:
+    return orjson.dumps({"model": model, "prompt": prompt})
+
+
+async def ask(server: EppServer, data: bytes, **kw):
+    return await asyncio.to_thread(explain.query, server.addr, data, **kw)
+
+
+async def test_explain_shows_every_score_and_the_pick_without_sending(epp: EppServer) -> None:
+    set_load(epp, (8, 0.7, ()), (0, 0.1, ("m",)), (3, 0.4, ()))
+    resp = await ask(epp, body())
+    eps = epp.datastore.all_endpoints()
+    assert resp.targets == [eps[1].hostport]
+    assert [c.address for c in resp.candidates] == [eps[1].hostport, eps[2].hostport, eps[0].hostport]
+    pick = resp.candidates[0]
+    assert pick.rank == 0
+    assert pick.passed_filters
+    assert set(pick.scores) == {s.name for s in resp.scorers} == {
+        "queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer", "lora-affinity-scorer"}
+    assert pick.scores["lora-affinity-scorer"] == 1.0
+    weights = {s.name: s.weight for s in resp.scorers}
+    assert pick.total == pytest.approx(sum(weights[n] * v for n, v in pick.scores.items()))
+    assert pick.metrics.fresh
+    assert pick.metrics.waiting == 0
+    # Nothing was sent: no in-flight count, and the prefix index did not learn the prompt.
+    assert all(ep.inflight == 0 for ep in eps)
+    again = await ask(epp, body())
+    assert again.candidates[0].scores["prefix-cache-scorer"] == 0.0
+
+
+async def test_explain_reports_rejections(epp: EppServer) -> None:
+    bad = await ask(epp, b"{not json")
+    assert bad.error.http_status == 400
+    assert bad.error.reason == "invalid_json"
+    set_load(epp, (9, 0.9, ()), (7, 0.5, ()), (5, 0.1, ()))  # every queue at the threshold: saturated
+    shed = await ask(epp, body(), headers={"x-gateway-inference-objective": "batch"})
+    assert shed.priority == -1
+    assert shed.pool_saturated
+    assert shed.error.http_status == 429
+    assert not shed.targets
+    assert all(c.passed_filters for c in shed.candidates)  # still scored, to show why
+    ok = await ask(epp, body())
+    assert ok.pool_saturated
+    assert not ok.HasField("error")
+    assert len(ok.targets) == 1
+    nowhere = await ask(epp, body(), subset=["10.9.9.9:80"])
+    assert nowhere.error.http_status == 503
+
+
+async def test_cli_prints_the_table(epp: EppServer, capsys: pytest.CaptureFixture[str]) -> None:
+    set_load(epp, (2, 0.2, ()), (0, 0.1, ()), (1, 0.4, ()))
+    argv = ["explain", "--server", epp.addr, "-H", "x-gateway-inference-objective: batch", body().decode()]
+    rc = await asyncio.to_thread(cli.main, argv)
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "priority: -1" in out
+    pick_line = next(line for line in out.splitlines() if line.startswith("pick "))
+    assert epp.datastore.all_endpoints()[1].hostport in pick_line
+    rc = await asyncio.to_thread(cli.main, ["explain", "--server", epp.addr, "{oops"])
+    assert rc == 1
+    assert "rejected: 400 invalid_json" in capsys.readouterr().out
+
+
+def test_cli_reports_an_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_ports(1)[0]
+    rc = cli.main(["explain", "--server", f"127.0.0.1:{port}", "--timeout", "1s", "{}"])
+    assert rc == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_generated_modules_match_the_proto(tmp_path: Path) -> None:
+    """protos/generate was run after the last edit of protos/ (a stale module would serve an old API)."""
+    proto = "epp/_proto/explain.proto"
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", "-I", str(ROOT / "protos"), f"--python_out={tmp_path}",
+         f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}", str(ROOT / "protos" / proto)],
+        check=True,
+    )
+    for name in ("explain_pb2.py", "explain_pb2_grpc.py", "explain_pb2.pyi"):
+        assert (tmp_path / "epp/_proto" / name).read_text() == (ROOT / "epp/_proto" / name).read_text(), name
