@@ -111,7 +111,7 @@ def render(resp: pb.ExplainResponse) -> str:
     scorers = [s.name for s in resp.scorers]
     lines.append(f"profile {resp.profile!r}: " + ", ".join(f"{s.name} x{s.weight:g}" for s in resp.scorers))
     short = [s.removesuffix("-scorer") for s in scorers]
-    header = ["", "endpoint", "total", *short, "queue", "running", "kv", "inflight", "adapters"]
+    header = ["", "endpoint", "total", *short, "waiting", "running", "kv", "inflight", "adapters"]
     table = [header]
     for c in resp.candidates:
         mark = "pick" if c.rank == 0 else (f"#{c.rank}" if c.rank > 0 else ("" if c.passed_filters else "filtered"))
