@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
 
     opts = StackOptions(servers=1, request_body_mode=args.mode, response_body_mode=args.mode,
-                        sim_args=["--decode-ms-per-token", "0", "--prefill-ms-per-token", "0"],
+                        sim_args=["--time-scale", "0"],
                         epp_args=["--seed", "1"])
     with Stack(opts) as stack:
         listen, admin = free_ports(2)

@@ -38,7 +38,7 @@ def _stack(mode: str) -> Stack:
         servers=3,
         epp_args=["--explain-headers", "--seed", "5", "--max-request-body-bytes", "65536",
                   "--refresh-metrics-interval", "20ms"],
-        sim_args=["--decode-ms-per-token", "2"],
+        sim_args=["--time-scale", "0.3"],
         envoy=EnvoyOptions(0, 0, 0, request_body_mode=mode, response_body_mode=mode,
                            filters_before_ext_proc=[SUBSET_FILTER], response_headers_to_add=ECHO),
     ))

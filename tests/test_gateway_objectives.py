@@ -63,7 +63,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         servers=2,
         epp_args=["--pool-file", str(pool), "--config-text", CONFIG, "--seed", "3",
                   "--refresh-metrics-interval", "20ms"],
-        sim_args=["--max-num-seqs", "1", "--decode-ms-per-token", "10", "--max-lora", "2",
+        sim_args=["--max-num-seqs", "1", "--max-lora", "2",
                   "--lora", "food-review-v1", "--lora", "food-review-v2"],
     )) as s:
         yield s

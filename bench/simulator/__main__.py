@@ -22,11 +22,16 @@ def main() -> None:
     p.add_argument("--name-prefix", default="sim")
     p.add_argument("--model", action="append", default=None, help="base model name(s) served")
     p.add_argument("--lora", action="append", default=[], help="LoRA adapter name(s) that can be loaded")
-    p.add_argument("--max-lora", type=int, default=2)
-    p.add_argument("--max-num-seqs", type=int, default=8)
-    p.add_argument("--num-gpu-blocks", type=int, default=4096)
-    p.add_argument("--prefill-ms-per-token", type=float, default=0.02)
-    p.add_argument("--decode-ms-per-token", type=float, default=1.0)
+    d = EngineConfig()
+    p.add_argument("--max-lora", type=int, default=d.max_lora, help="adapters loaded at once (vLLM --max-loras)")
+    p.add_argument("--lora-load-ms", type=float, default=d.lora_load_ms, help="cost of loading an adapter")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="batch size limit")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="token budget of one step (chunked prefill)")
+    p.add_argument("--num-gpu-blocks", type=int, default=d.num_gpu_blocks, help="KV-cache blocks")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply every modelled duration (0: instant, for overhead measurements)")
     args = p.parse_args()
 
     async def run() -> None:
@@ -34,9 +39,9 @@ def main() -> None:
         ports = [int(x) for x in args.ports.split(",") if x] or [args.port + i for i in range(args.count)]
         for i, port in enumerate(ports):
             cfg = EngineConfig(
-                max_num_seqs=args.max_num_seqs, num_gpu_blocks=args.num_gpu_blocks,
-                prefill_ms_per_token=args.prefill_ms_per_token, decode_ms_per_token=args.decode_ms_per_token,
-                max_lora=args.max_lora, lora_adapters=list(args.lora),
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                num_gpu_blocks=args.num_gpu_blocks, block_size=args.block_size, time_scale=args.time_scale,
+                max_lora=args.max_lora, lora_load_ms=args.lora_load_ms, lora_adapters=list(args.lora),
             )
             if args.model:
                 cfg.models = list(args.model)

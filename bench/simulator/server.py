@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bench.simulator.engine import Engine, EngineConfig
+from bench.simulator.engine import Engine, EngineConfig, Sequence
 
 # A fixed vocabulary: output text is deterministic for a given request.
 _WORDS = ("the", "model", "routes", "tokens", "quickly", "and", "prefix", "cache", "hits", "well")
@@ -97,9 +97,9 @@ class SimulatedServer:
     async def state(self, request: web.Request) -> web.Response:
         e = self.engine
         return web.json_response({
-            "name": self.name, "port": self.port, "waiting": e.waiting, "running": e.running,
+            "name": self.name, "port": self.port, "waiting": e.num_waiting, "running": e.num_running,
             "kv_usage": e.kv_usage, "served": self.served, "prefix_queries": e.prefix_queries,
-            "prefix_hits": e.prefix_hits, "active_loras": list(e.active_loras),
+            "prefix_hits": e.prefix_hits, "active_loras": list(e.active_loras), "steps": e.steps,
         })
 
     async def control(self, request: web.Request) -> web.Response:
@@ -108,8 +108,8 @@ class SimulatedServer:
             self.metrics_delay = float(body["metrics_delay"])
         if "metrics_status" in body:
             self.metrics_status = int(body["metrics_status"])
-        if "decode_ms_per_token" in body:
-            self.cfg.decode_ms_per_token = float(body["decode_ms_per_token"])
+        if "time_scale" in body:
+            self.cfg.time_scale = float(body["time_scale"])
         return web.json_response({"ok": True})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -131,38 +131,33 @@ class SimulatedServer:
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         engine = self.engine
-        await engine.admit(model)
-        held = 0
         try:
-            prompt_tokens, cached_tokens, held = await engine.prefill(model, prompt)
-            self.served += 1
+            seq = engine.submit(model, prompt, max_tokens)
+        except ValueError as e:
+            return _error(400, str(e), "BadRequestError")
+        self.served += 1
+        try:
             rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:16]}"
             created = int(time.time())
-            usage = {
-                "prompt_tokens": prompt_tokens, "completion_tokens": max_tokens,
-                "total_tokens": prompt_tokens + max_tokens,
-                "prompt_tokens_details": {"cached_tokens": cached_tokens},
-            }
+            obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
             if not stream:
-                for _ in range(max_tokens):
-                    await asyncio.sleep(engine.decode_step_seconds())
-                text = " ".join(_WORDS[i % len(_WORDS)] for i in range(max_tokens))
+                while await seq.tokens.get() is not None:
+                    pass
+                text = " ".join(_WORDS[i % len(_WORDS)] for i in range(seq.max_tokens))
                 if kind == "chat":
                     choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
                                               "finish_reason": "length"}
                 else:
                     choice = {"index": 0, "text": text, "finish_reason": "length"}
-                obj = "chat.completion" if kind == "chat" else "text_completion"
-                payload = {"id": rid, "object": obj, "created": created, "model": model,
-                           "choices": [choice], "usage": usage}
+                payload = {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+                           "created": created, "model": model, "choices": [choice], "usage": _usage(seq)}
                 return web.Response(body=orjson.dumps(payload), content_type="application/json",
                                     headers=self._headers())
             resp = web.StreamResponse(headers={**self._headers(), "content-type": "text/event-stream",
                                                "cache-control": "no-cache"})
             await resp.prepare(request)
-            obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-            for i in range(max_tokens):
-                await asyncio.sleep(engine.decode_step_seconds())
+            i = 0
+            while (n := await seq.tokens.get()) is not None:
                 word = _WORDS[i % len(_WORDS)] + " "
                 if kind == "chat":
                     delta: dict[str, Any] = {"content": word}
@@ -171,16 +166,25 @@ class SimulatedServer:
                     choice = {"index": 0, "delta": delta, "finish_reason": None}
                 else:
                     choice = {"index": 0, "text": word, "finish_reason": None}
-                if i == max_tokens - 1:
+                if n >= seq.max_tokens:
                     choice["finish_reason"] = "length"
                 chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
                 await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                i += 1
             if include_usage:
                 chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-                         "usage": usage}
+                         "usage": _usage(seq)}
                 await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp
         finally:
-            engine.release(held)
+            engine.abort(seq)
+
+
+def _usage(seq: Sequence) -> dict[str, Any]:
+    return {
+        "prompt_tokens": seq.prompt_tokens, "completion_tokens": seq.generated,
+        "total_tokens": seq.prompt_tokens + seq.generated,
+        "prompt_tokens_details": {"cached_tokens": seq.cached_tokens},
+    }
