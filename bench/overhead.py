@@ -6,36 +6,34 @@ x-gateway-destination-endpoint. Requests alternate between the two, so machine n
 hits both alike. Prints p50/p99 of each and the difference (the added latency).
 
     python -m bench.overhead [--requests 2000] [--mode FULL_DUPLEX_STREAMED|BUFFERED]
+    python -m bench.overhead --rates 50,100,200,400,800 [--seconds 10]
+
+With --rates, each rate is an open-loop Poisson load: every arrival sends one request
+through each gateway at once. For each rate it prints both latency distributions, the
+difference, the rate achieved, and epp's CPU (share of one core, from /proc) and
+resident memory; the highest rate epp sustains is the last one it keeps up with
+(achieved rate within 5% of the offered rate, no errors, epp under one core).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import os
+import random
 import statistics
 import time
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 
-from bench.stack import Stack, StackOptions, _http_ok, free_ports, wait_until
-from epp.envoy import EnvoyOptions, EnvoyProcess, render
+from bench.gateways import DirectEnvoy
+from bench.stack import Stack, StackOptions, free_ports
+from epp.envoy import EnvoyOptions
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-
-
-class DirectEnvoy(EnvoyProcess):
-    """The same bootstrap without the ext_proc filter: Envoy alone, routing on the client's header."""
-
-    def config(self) -> dict[str, Any]:
-        cfg = render(self.opts)
-        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
-        clusters = cfg["static_resources"]["clusters"]
-        cfg["static_resources"]["clusters"] = [c for c in clusters if c["name"] != "ext_proc"]
-        return cfg
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        wait_until(lambda: _http_ok(f"http://127.0.0.1:{self.opts.admin_port}/ready"), timeout, "direct envoy")
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -43,40 +41,134 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.overhead")
-    ap.add_argument("--requests", type=int, default=2000, help="per gateway")
-    ap.add_argument("--mode", default="FULL_DUPLEX_STREAMED", help="request/response body mode for epp's Envoy")
-    args = ap.parse_args()
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    opts = StackOptions(servers=1, request_body_mode=args.mode, response_body_mode=args.mode,
-                        sim_args=["--time-scale", "0"],
-                        epp_args=["--seed", "1"])
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _sweep(stack: Stack, direct_url: str, pod: str, rates: list[float], seconds: float) -> list[dict]:
+    import aiohttp
+
+    body = {"model": MODEL, "prompt": "The quick brown fox " * 50, "max_tokens": 1}
+    rows = []
+    pid = stack.epp_proc.pid
+    rng = random.Random(1)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one(url: str, headers: dict[str, str], out: list[float], errors: list[int]) -> None:
+            t = time.perf_counter()
+            try:
+                async with session.post(url + "/v1/completions", json=body, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors.append(r.status)
+                        return
+            except aiohttp.ClientError:
+                errors.append(-1)
+                return
+            out.append(time.perf_counter() - t)
+
+        for _ in range(100):  # warm both paths
+            await one(stack.url, {}, [], [])
+            await one(direct_url, {"x-gateway-destination-endpoint": pod}, [], [])
+        for rate in rates:
+            via_epp: list[float] = []
+            straight: list[float] = []
+            errors: list[int] = []
+            tasks = []
+            cpu0, t0 = _cpu_seconds(pid), time.perf_counter()
+            next_at = t0
+            while next_at < t0 + seconds:
+                next_at += rng.expovariate(rate)
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one(stack.url, {}, via_epp, errors)))
+                tasks.append(asyncio.create_task(
+                    one(direct_url, {"x-gateway-destination-endpoint": pod}, straight, errors)))
+            await asyncio.gather(*tasks)
+            elapsed = time.perf_counter() - t0
+            cpu = (_cpu_seconds(pid) - cpu0) / elapsed
+            rows.append({
+                "rate": rate, "achieved": len(via_epp) / elapsed, "errors": len(errors),
+                "direct_p50": pct(straight, 50), "direct_p99": pct(straight, 99),
+                "epp_p50": pct(via_epp, 50), "epp_p99": pct(via_epp, 99),
+                "epp_cpu": cpu, "epp_rss_mib": _rss_mib(pid),
+            })
+    return rows
+
+
+@contextlib.contextmanager
+def gateways(mode: str) -> Iterator[tuple[Stack, DirectEnvoy]]:
+    """Envoy + epp + one instant server, and beside it the same Envoy routing directly to that server."""
+    opts = StackOptions(servers=1, request_body_mode=mode, response_body_mode=mode,
+                        sim_args=["--time-scale", "0"], epp_args=["--seed", "1"])
     with Stack(opts) as stack:
         listen, admin = free_ports(2)
         direct = DirectEnvoy(EnvoyOptions(listen, 0, admin))
         direct.start()
         try:
             direct.wait_ready()
-            pod = stack.endpoints[0]
-            body = {"model": MODEL, "prompt": "The quick brown fox " * 50, "max_tokens": 1}
-            via_epp, straight = [], []
-            with httpx.Client(base_url=stack.url, timeout=10) as a, \
-                    httpx.Client(base_url=direct.url, timeout=10) as b:
-                for _ in range(50):  # warm both paths
-                    a.post("/v1/completions", json=body)
-                    b.post("/v1/completions", json=body, headers={"x-gateway-destination-endpoint": pod})
-                for _ in range(args.requests):
-                    t = time.perf_counter()
-                    ra = a.post("/v1/completions", json=body)
-                    via_epp.append(time.perf_counter() - t)
-                    t = time.perf_counter()
-                    rb = b.post("/v1/completions", json=body, headers={"x-gateway-destination-endpoint": pod})
-                    straight.append(time.perf_counter() - t)
-                    if ra.status_code != 200 or rb.status_code != 200:
-                        raise RuntimeError(f"request failed: {ra.text} / {rb.text}")
+            yield stack, direct
         finally:
             direct.stop()
+
+
+def rate_sweep(args: argparse.Namespace) -> None:
+    rates = [float(r) for r in args.rates.split(",")]
+    with gateways(args.mode) as (stack, direct):
+        rows = asyncio.run(_sweep(stack, direct.url, stack.endpoints[0], rates, args.seconds))
+    ms = 1000.0
+    print(f"mode={args.mode}  open-loop Poisson, {args.seconds:g}s per rate, each arrival sent through both gateways")
+    print(f"{'rate/s':>7}{'achieved':>9}{'err':>5}{'direct p50':>11}{'epp p50':>9}{'added p50':>10}"
+          f"{'direct p99':>11}{'epp p99':>9}{'added p99':>10}{'epp CPU':>9}{'epp RSS':>9}")
+    sustained = 0.0
+    for r in rows:
+        print(f"{r['rate']:7.0f}{r['achieved']:9.1f}{r['errors']:5d}{r['direct_p50'] * ms:11.2f}"
+              f"{r['epp_p50'] * ms:9.2f}{(r['epp_p50'] - r['direct_p50']) * ms:10.2f}"
+              f"{r['direct_p99'] * ms:11.2f}{r['epp_p99'] * ms:9.2f}"
+              f"{(r['epp_p99'] - r['direct_p99']) * ms:10.2f}{r['epp_cpu']:8.0%} {r['epp_rss_mib']:6.0f} MiB")
+        if r["achieved"] >= 0.95 * r["rate"] and not r["errors"] and r["epp_cpu"] < 1.0:
+            sustained = max(sustained, r["rate"])
+    print(f"highest offered rate epp kept up with: {sustained:g} req/s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.overhead")
+    ap.add_argument("--requests", type=int, default=2000, help="per gateway")
+    ap.add_argument("--mode", default="FULL_DUPLEX_STREAMED", help="request/response body mode for epp's Envoy")
+    ap.add_argument("--rates", default="", help="comma-separated request rates: open-loop sweep instead")
+    ap.add_argument("--seconds", type=float, default=10.0, help="seconds per rate in the sweep")
+    args = ap.parse_args()
+    if args.rates:
+        rate_sweep(args)
+        return
+
+    with gateways(args.mode) as (stack, direct):
+        pod = stack.endpoints[0]
+        body = {"model": MODEL, "prompt": "The quick brown fox " * 50, "max_tokens": 1}
+        via_epp, straight = [], []
+        with httpx.Client(base_url=stack.url, timeout=10) as a, \
+                httpx.Client(base_url=direct.url, timeout=10) as b:
+            for _ in range(50):  # warm both paths
+                a.post("/v1/completions", json=body)
+                b.post("/v1/completions", json=body, headers={"x-gateway-destination-endpoint": pod})
+            for _ in range(args.requests):
+                t = time.perf_counter()
+                ra = a.post("/v1/completions", json=body)
+                via_epp.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                rb = b.post("/v1/completions", json=body, headers={"x-gateway-destination-endpoint": pod})
+                straight.append(time.perf_counter() - t)
+                if ra.status_code != 200 or rb.status_code != 200:
+                    raise RuntimeError(f"request failed: {ra.text} / {rb.text}")
 
     ms = 1000.0
     print(f"mode={args.mode}  requests={args.requests} per gateway, one connection each, alternating")

@@ -122,13 +122,7 @@ class Stack:
         return proc
 
     def epp_serving(self) -> bool:
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{self.health_port}") as ch:
-                stub = health_pb2_grpc.HealthStub(ch)
-                resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
-                return resp.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            return False
+        return grpc_serving(self.health_port)
 
     def start_envoy(self) -> None:
         eo = self.opts.envoy or EnvoyOptions(0, 0, 0)
@@ -182,6 +176,17 @@ class Stack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         self._logdir.cleanup()
+
+
+def grpc_serving(port: int) -> bool:
+    """Whether the grpc.health.v1 server on this loopback port answers SERVING."""
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
 
 
 def _http_ok(url: str) -> bool:

@@ -28,6 +28,7 @@ the cached leading blocks. Tokens are approximated as 4 characters, as the EPP d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -75,14 +76,15 @@ def prompt_blocks(model: str, text: str, block_chars: int) -> list[int]:
 class Sequence:
     """One request inside the engine. `tokens` yields once per generated token, then None."""
 
-    __slots__ = ("arrived", "blocks", "cached_tokens", "done", "first_token_clock", "generated", "lora",
-                 "max_tokens", "model", "prefill_left", "prompt_tokens", "reserved", "submit_clock", "tokens")
+    __slots__ = ("arrived", "blocks", "cached_tokens", "done", "expected_uncached", "first_token_clock", "generated",
+                 "lora", "max_tokens", "model", "prefill_left", "prompt_tokens", "reserved", "submit_clock", "tokens")
 
     def __init__(self, model: str, lora: str | None, blocks: list[int], prompt_tokens: int, max_tokens: int) -> None:
         self.model, self.lora, self.blocks = model, lora, blocks
         self.prompt_tokens, self.max_tokens = prompt_tokens, max(1, max_tokens)
         self.cached_tokens = 0
         self.prefill_left = prompt_tokens
+        self.expected_uncached = prompt_tokens  # while waiting: what prefill will cost, judged at submit
         self.generated = 0
         self.reserved = 0
         self.arrived = time.monotonic()
@@ -130,18 +132,18 @@ class Engine:
     def waiting_loras(self) -> set[str]:
         return {s.lora for s in self.waiting if s.lora}
 
-    def cached_prefix_tokens(self, model: str, prompt: str) -> int:
-        """Tokens of this prompt the cache holds now (no LRU touch: a peek)."""
+    def cached_blocks(self, blocks: list[int]) -> int:
+        """Leading blocks the cache holds now (no LRU touch: a peek)."""
         n = 0
-        for h in prompt_blocks(model, prompt, self.cfg.block_size * CHARS_PER_TOKEN):
+        for h in blocks:
             if h not in self.cache:
                 break
             n += 1
-        return n * self.cfg.block_size
+        return n
 
     def queued_prefill_tokens(self) -> int:
         """Prefill work ahead of a new request: what waiting and prefilling sequences still need."""
-        return sum(s.prefill_left for s in self.waiting) + sum(s.prefill_left for s in self.running)
+        return sum(s.expected_uncached for s in self.waiting) + sum(s.prefill_left for s in self.running)
 
     # --- requests ------------------------------------------------------------
     def submit(self, model: str, prompt: str, max_tokens: int) -> Sequence:
@@ -153,6 +155,7 @@ class Engine:
         if need > self.cfg.num_gpu_blocks:
             raise ValueError(f"prompt and max_tokens need {need} KV blocks; the cache has {self.cfg.num_gpu_blocks}")
         seq.submit_clock = self.clock_ms
+        seq.expected_uncached = max(1, tokens - self.cached_blocks(blocks) * self.cfg.block_size)
         self.waiting.append(seq)
         self._ensure_running()
         self._wake.set()
@@ -167,6 +170,13 @@ class Engine:
             seq.done = True
         elif seq in self.running:
             self._finish(seq)
+
+    async def close(self) -> None:
+        """Stop the engine loop (the server is shutting down)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():

@@ -78,6 +78,7 @@ class SimulatedServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.engine.close()
 
     # --- handlers -------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:

@@ -1,0 +1,543 @@
+"""The routing benchmark: the same seeded workload, the same simulated pool, one router after another.
+
+    bench/run [--workloads shared-prefix,random] [--routers epp,round-robin,...] [--rate 12] [--duration 40]
+
+Routers (each gets a fresh pool of simulators, cold caches, and the identical request stream):
+
+- epp:          Envoy -> epp (default EndpointPickerConfig) -> pod
+- least-queue:  Envoy -> epp configured with queue-scorer only
+- round-robin:  Envoy's ROUND_ROBIN over the pods (what a plain Kubernetes Service gives)
+- random:       Envoy's RANDOM over the pods
+- sglang-router / vllm-router: the peer routers from PyPI with their cache_aware policy, when installed
+- oracle:       the benchmark itself picks, reading each simulator's true state in-process (its exact
+                prefix cache, queue and adapters, no scrape delay), and Envoy routes to that pod: the
+                upper bound of what routing can do here
+
+The simulators run in this process (so the oracle can read them); Envoy, epp and the
+peer routers are child processes. The client streams every response and records
+time to first token, inter-token latency and end-to-end latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+
+from bench import workloads
+from bench.gateways import DirectEnvoy, PoolEnvoy
+from bench.simulator.engine import CHARS_PER_TOKEN, EngineConfig, prompt_blocks
+from bench.simulator.server import SimulatedServer, _prompt_text
+from bench.stack import free_ports, grpc_serving, wait_until
+from epp.envoy import EnvoyOptions, EnvoyProcess
+
+ROUTERS = ("epp", "round-robin", "random", "least-queue", "sglang-router", "vllm-router", "oracle")
+LEAST_QUEUE_CONFIG = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+  - pluginRef: max-score-picker
+"""
+POOL_FILE = f"""\
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceObjective
+metadata: {{name: {workloads.SHEDDABLE_OBJECTIVE}}}
+spec: {{priority: -1, poolRef: {{name: default}}}}
+"""
+
+
+@dataclass
+class Sample:
+    status: int
+    tag: str
+    sent: float
+    ttft: float | None = None
+    e2e: float | None = None
+    itl: float | None = None
+    tokens: int = 0
+    pod: str = ""
+
+
+@dataclass
+class RunResult:
+    workload: str
+    router: str
+    samples: list[Sample] = field(default_factory=list)
+    duration: float = 0.0
+    prefix_hit_rate: float = 0.0
+    per_pod: dict[str, int] = field(default_factory=dict)
+    note: str = ""
+
+
+# --- routers -------------------------------------------------------------------
+class Router:
+    """Starts a gateway in front of the pool; `url` takes the requests."""
+
+    url = ""
+    needs_pick = False
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def pick(self, req: workloads.TimedRequest) -> str:
+        raise NotImplementedError
+
+
+class EppRouter(Router):
+    def __init__(self, pods: list[str], logdir: Path, config: str | None = None) -> None:
+        self.pods, self.logdir, self.config = pods, logdir, config
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.envoy: EnvoyProcess | None = None
+
+    def start(self) -> None:
+        grpc_port, health_port, metrics_port, listen, admin = free_ports(5)
+        pool = self.logdir / "pool.yaml"
+        pool.write_text(POOL_FILE)
+        args = [sys.executable, "-m", "epp", "serve", "--endpoints", ",".join(self.pods), "--pool-file", str(pool),
+                "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
+                "--metrics-port", str(metrics_port), "--bind-address", "127.0.0.1", "--seed", "1"]
+        if self.config:
+            args += ["--config-text", self.config]
+        log = open(self.logdir / "epp.log", "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        proc = self.proc
+        wait_until(lambda: proc.poll() is not None or grpc_serving(health_port), 30, "epp")
+        if proc.poll() is not None:
+            raise RuntimeError(f"epp exited: {(self.logdir / 'epp.log').read_text()[-3000:]}")
+        self.envoy = EnvoyProcess(EnvoyOptions(listen, grpc_port, admin)).start()
+        self.envoy.wait_ready()
+        self.url = self.envoy.url
+
+    def stop(self) -> None:
+        if self.envoy is not None:
+            self.envoy.stop()
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+class _EnvoyOnlyRouter(Router):
+    """An Envoy without epp in front of the pool; subclasses say which."""
+
+    envoy: EnvoyProcess | None = None
+
+    def make_envoy(self, opts: EnvoyOptions) -> EnvoyProcess:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        listen, admin = free_ports(2)
+        self.envoy = self.make_envoy(EnvoyOptions(listen, 0, admin))
+        self.envoy.start()
+        self.envoy.wait_ready()
+        self.url = self.envoy.url
+
+    def stop(self) -> None:
+        if self.envoy is not None:
+            self.envoy.stop()
+
+
+class EnvoyPoolRouter(_EnvoyOnlyRouter):
+    def __init__(self, pods: list[str], policy: str) -> None:
+        self.pods, self.policy = pods, policy
+
+    def make_envoy(self, opts: EnvoyOptions) -> EnvoyProcess:
+        eps = [(p.rsplit(":", 1)[0], int(p.rsplit(":", 1)[1])) for p in self.pods]
+        return PoolEnvoy(opts, eps, self.policy)
+
+
+class PeerRouter(Router):
+    """sglang-router or vllm-router, from PyPI, as their own proxy (no Envoy in front)."""
+
+    COMMANDS = {
+        "sglang-router": [sys.executable, "-m", "sglang_router.launch_router"],
+        "vllm-router": ["vllm-router"],
+    }
+
+    def __init__(self, name: str, pods: list[str], logdir: Path) -> None:
+        self.name, self.pods, self.logdir = name, pods, logdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def _vllm_router() -> str | None:
+        """The vllm-router executable beside this Python (a venv's bin/) or on PATH."""
+        return shutil.which("vllm-router", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+
+    @classmethod
+    def available(cls, name: str) -> bool:
+        if name == "sglang-router":
+            import importlib.util
+
+            return importlib.util.find_spec("sglang_router") is not None
+        return cls._vllm_router() is not None
+
+    def start(self) -> None:
+        port = free_ports(1)[0]
+        cmd = list(self.COMMANDS[self.name])
+        if cmd[0] == "vllm-router":
+            cmd[0] = self._vllm_router() or "vllm-router"
+        cmd += ["--host", "127.0.0.1", "--port", str(port), "--policy", "cache_aware",
+                "--worker-urls", *[f"http://{p}" for p in self.pods],
+                "--log-level", "warn" if self.name == "sglang-router" else "warning"]
+        log = open(self.logdir / f"{self.name}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {(self.logdir / f'{self.name}.log').read_text()[-3000:]}")
+            try:
+                return httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 60, self.name)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+class OracleRouter(_EnvoyOnlyRouter):
+    """Picks with perfect, instant knowledge of every simulator; Envoy routes to the pick."""
+
+    needs_pick = True
+
+    def __init__(self, servers: list[SimulatedServer]) -> None:
+        self.servers = servers
+
+    def make_envoy(self, opts: EnvoyOptions) -> EnvoyProcess:
+        return DirectEnvoy(opts)
+
+    def pick(self, req: workloads.TimedRequest) -> str:
+        """The pod with the least estimated time to first token, from true state."""
+        kind = "chat" if req.path.endswith("chat/completions") else "completions"
+        model = req.body["model"]
+        prompt = _prompt_text(kind, req.body)
+        best, best_cost = "", float("inf")
+        blocks: list[int] | None = None
+        for s in self.servers:
+            e, c = s.engine, s.cfg
+            if blocks is None:
+                blocks = prompt_blocks(model, prompt, c.block_size * CHARS_PER_TOKEN)
+            uncached = max(1, len(prompt) // CHARS_PER_TOKEN - e.cached_blocks(blocks) * c.block_size)
+            cost = c.prefill_per_token_ms * (e.queued_prefill_tokens() + uncached)
+            cost += c.decode_base_ms * (1 + max(0, e.num_running + e.num_waiting + 1 - c.max_num_seqs))
+            cost += c.decode_per_seq_ms * e.num_running
+            if model in c.lora_adapters and model not in e.active_loras:
+                cost += c.lora_load_ms
+            if cost < best_cost:
+                best, best_cost = f"127.0.0.1:{s.port}", cost
+        return best
+
+
+# --- one run ----------------------------------------------------------------------
+async def _send(session: aiohttp.ClientSession, url: str, req: workloads.TimedRequest, headers: dict[str, str],
+                sample: Sample) -> None:
+    t0 = time.perf_counter()
+    sample.sent = t0
+    first = last = 0.0
+    try:
+        async with session.post(url + req.path, json=req.body, headers={**req.headers, **headers}) as resp:
+            sample.status = resp.status
+            sample.pod = resp.headers.get("x-simulator-port", "")
+            if resp.status != 200:
+                await resp.read()
+                return
+            async for line in resp.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                if b'"choices":[]' in line:
+                    continue  # the usage chunk
+                now = time.perf_counter()
+                if not first:
+                    first = now
+                last = now
+                sample.tokens += 1
+    except (TimeoutError, aiohttp.ClientError) as e:
+        sample.status = -1
+        sample.pod = type(e).__name__
+        return
+    if first:
+        sample.ttft = first - t0
+        sample.e2e = last - t0
+        if sample.tokens > 1:
+            sample.itl = (last - first) / (sample.tokens - 1)
+
+
+async def run_one(workload: workloads.Workload, router_name: str, args: argparse.Namespace,
+                  logdir: Path) -> RunResult:
+    ports = free_ports(args.servers)
+    servers = []
+    for i, port in enumerate(ports):
+        cfg = EngineConfig(max_num_seqs=args.max_num_seqs, num_gpu_blocks=args.num_gpu_blocks,
+                           time_scale=args.time_scale, lora_adapters=list(workload.lora_adapters),
+                           max_lora=args.max_lora)
+        s = SimulatedServer(f"sim-{i}", port, cfg)
+        await s.start()
+        servers.append(s)
+    pods = [f"127.0.0.1:{p}" for p in ports]
+    router: Router
+    if router_name == "epp":
+        router = EppRouter(pods, logdir)
+    elif router_name == "least-queue":
+        router = EppRouter(pods, logdir, LEAST_QUEUE_CONFIG)
+    elif router_name == "round-robin":
+        router = EnvoyPoolRouter(pods, "ROUND_ROBIN")
+    elif router_name == "random":
+        router = EnvoyPoolRouter(pods, "RANDOM")
+    elif router_name in PeerRouter.COMMANDS:
+        router = PeerRouter(router_name, pods, logdir)
+    elif router_name == "oracle":
+        router = OracleRouter(servers)
+    else:
+        raise ValueError(f"unknown router {router_name!r}")
+    result = RunResult(workload.name, router_name)
+    try:
+        await asyncio.to_thread(router.start)
+        await asyncio.sleep(0.5)  # let epp scrape the pool once
+        timeout = aiohttp.ClientTimeout(total=300)
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+            start = time.perf_counter()
+            tasks = []
+            for req in workload.requests:
+                delay = start + req.at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                headers = {"x-gateway-destination-endpoint": router.pick(req)} if router.needs_pick else {}
+                sample = Sample(0, req.tag, 0.0)
+                result.samples.append(sample)
+                tasks.append(asyncio.create_task(_send(session, router.url, req, headers, sample)))
+            await asyncio.gather(*tasks)
+            result.duration = time.perf_counter() - start
+    finally:
+        await asyncio.to_thread(router.stop)
+        queries = sum(s.engine.prefix_queries for s in servers)
+        hits = sum(s.engine.prefix_hits for s in servers)
+        result.prefix_hit_rate = hits / queries if queries else 0.0
+        result.per_pod = {s.name: s.served for s in servers}
+        for s in servers:
+            await s.stop()
+    return result
+
+
+# --- reporting ----------------------------------------------------------------------
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+def summary(r: RunResult) -> dict[str, Any]:
+    ok = [s for s in r.samples if s.status == 200 and s.ttft is not None]
+    ttft = [s.ttft * 1e3 for s in ok]
+    itl = [s.itl * 1e3 for s in ok if s.itl is not None]
+    e2e = [s.e2e * 1e3 for s in ok]
+    tokens = sum(s.tokens for s in ok)
+    return {
+        "workload": r.workload, "router": r.router, "requests": len(r.samples), "ok": len(ok),
+        "shed": sum(1 for s in r.samples if s.status == 429),
+        "errors": sum(1 for s in r.samples if s.status not in (200, 429)),
+        "ttft_p50": pct(ttft, 50), "ttft_p90": pct(ttft, 90), "ttft_p99": pct(ttft, 99),
+        "itl_p50": pct(itl, 50), "itl_p90": pct(itl, 90),
+        "e2e_p50": pct(e2e, 50), "e2e_p90": pct(e2e, 90), "e2e_p99": pct(e2e, 99),
+        "throughput_tok_s": tokens / r.duration if r.duration else 0.0,
+        "prefix_hit_rate": r.prefix_hit_rate, "per_pod": r.per_pod,
+        "ttft_p90_high_priority": pct([s.ttft * 1e3 for s in ok if not s.tag], 90),
+    }
+
+
+def markdown(rows: list[dict[str, Any]], wl: dict[str, workloads.Workload]) -> str:
+    out = []
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        out.append(f"### {name}\n\n{wl[name].description}\n")
+        out.append("| router | ok | shed | err | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p90 | E2E p50 "
+                   "| E2E p90 | tokens/s | prefix-cache hit |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if r["workload"] != name:
+                continue
+            out.append(f"| {r['router']} | {r['ok']} | {r['shed']} | {r['errors']} | {r['ttft_p50']:.0f} ms | "
+                       f"{r['ttft_p90']:.0f} ms | {r['ttft_p99']:.0f} ms | {r['itl_p50']:.1f} ms | "
+                       f"{r['itl_p90']:.1f} ms | {r['e2e_p50']:.0f} ms | {r['e2e_p90']:.0f} ms | "
+                       f"{r['throughput_tok_s']:.0f} | {r['prefix_hit_rate']:.0%} |")
+        if name == "mixed-priority":
+            out.append("Priority ≥ 0 only (the traffic that must not suffer): p90 TTFT " + ", ".join(
+                f"{r['router']} {r['ttft_p90_high_priority']:.0f} ms" for r in rows if r["workload"] == name) + ".")
+        out.append("")
+    return "\n".join(out)
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """The targets, as ratios of p90 TTFT (higher = epp better)."""
+    by = {(r["workload"], r["router"]): r for r in rows}
+    lines = []
+    for wl in dict.fromkeys(r["workload"] for r in rows):
+        epp = by.get((wl, "epp"))
+        if epp is None:
+            continue
+        for other in ROUTERS:
+            o = by.get((wl, other))
+            if o is None or other == "epp":
+                continue
+            ratio = o["ttft_p90"] / epp["ttft_p90"] if epp["ttft_p90"] else float("nan")
+            target = ""
+            if wl == "shared-prefix" and other == "round-robin":
+                target = "  (target >= 3.0: " + ("met" if ratio >= 3 else "NOT met") + ")"
+            elif wl == "shared-prefix" and other in PeerRouter.COMMANDS:
+                target = "  (target >= 1.0: " + ("met" if ratio >= 1 else "NOT met") + ")"
+            elif wl == "random" and other == "least-queue":
+                target = "  (target >= 1.0 within 5% noise: " + ("met" if ratio >= 0.95 else "NOT met") + ")"
+            lines.append(f"{wl}: p90 TTFT {other} / epp = {ratio:.2f}x{target}")
+    return lines
+
+
+def plots(rows: list[dict[str, Any]], results: list[RunResult], outdir: Path, stem: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    names = list(dict.fromkeys(r["workload"] for r in rows))
+    routers = list(dict.fromkeys(r["router"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    for ax, wl in zip(axes[0], names, strict=True):
+        vals = [next((r["ttft_p90"] for r in rows if r["workload"] == wl and r["router"] == rt), 0) for rt in routers]
+        ax.bar(range(len(routers)), vals, color=["#2a7" if rt == "epp" else "#999" for rt in routers])
+        ax.set_xticks(range(len(routers)), routers, rotation=45, ha="right", fontsize=8)
+        ax.set_title(wl, fontsize=10)
+        ax.set_ylabel("p90 TTFT (ms)")
+    fig.tight_layout()
+    p = outdir / f"{stem}-ttft-p90.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    for ax, wl in zip(axes[0], names, strict=True):
+        for r in results:
+            if r.workload != wl:
+                continue
+            xs = sorted(s.ttft * 1e3 for s in r.samples if s.ttft is not None)
+            if xs:
+                ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=r.router,
+                        linewidth=2.2 if r.router == "epp" else 1.0)
+        ax.set_xscale("log")
+        ax.set_xlabel("TTFT (ms)")
+        ax.set_title(wl, fontsize=10)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("fraction of requests")
+    fig.tight_layout()
+    p = outdir / f"{stem}-ttft-cdf.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+async def run_all(args: argparse.Namespace, logdir: Path) -> tuple[list[RunResult], list[str]]:
+    names = [w for w in args.workloads.split(",") if w]
+    routers = [r for r in args.routers.split(",") if r]
+    skipped = []
+    for r in list(routers):
+        if r in PeerRouter.COMMANDS and not PeerRouter.available(r):
+            routers.remove(r)
+            skipped.append(f"{r}: not installed (pip install {r})")
+    wl = {n: workloads.build(n, args.rate, args.duration, args.seed) for n in names}
+    results: list[RunResult] = []
+    for n in names:
+        for rt in routers:
+            print(f"[{n}] {rt}: {len(wl[n].requests)} requests over {args.duration:g}s ...", flush=True)
+            try:
+                r = await run_one(wl[n], rt, args, logdir)
+            except Exception as e:  # a peer that fails to run is reported, not fatal
+                print(f"  {rt} failed: {e}", flush=True)
+                skipped.append(f"{rt} on {n}: {e}")
+                continue
+            results.append(r)
+            row = summary(r)
+            print(f"  ok {row['ok']} shed {row['shed']} err {row['errors']}  TTFT p50 {row['ttft_p50']:.0f} "
+                  f"p90 {row['ttft_p90']:.0f} ms  hit {row['prefix_hit_rate']:.0%}", flush=True)
+    return results, skipped
+
+
+def write_report(args: argparse.Namespace, results: list[RunResult], skipped: list[str]) -> None:
+    wl = {r.workload: workloads.build(r.workload, args.rate, args.duration, args.seed) for r in results}
+    rows = [summary(r) for r in results]
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    stem = args.stem or time.strftime("routing-%Y-%m-%d")
+    report = [f"# Routing benchmark ({time.strftime('%Y-%m-%d')})", "",
+              f"Command: `bench/run {' '.join(sys.argv[1:])}`".rstrip(), "",
+              f"Pool: {args.servers} simulated vLLM servers (Llama-3.1-8B on H100 latency model, "
+              f"max_num_seqs {args.max_num_seqs}, {args.num_gpu_blocks} KV blocks of 16 tokens, max_lora "
+              f"{args.max_lora}, time scale {args.time_scale:g}); Poisson arrivals at {args.rate:g} req/s for "
+              f"{args.duration:g} s; seed {args.seed}. Every router saw the same requests on a fresh, cold pool.", "",
+              markdown(rows, wl), "## Ratios (p90 TTFT, other / epp)", "", "```", *ratios(rows), "```", ""]
+    if skipped:
+        report += ["## Not run", "", *[f"- {s}" for s in skipped], ""]
+    (outdir / f"{stem}.md").write_text("\n".join(report))
+    raw = {"args": vars(args), "summary": rows, "runs": [
+        {"workload": r.workload, "router": r.router, "duration": r.duration, "prefix_hit_rate": r.prefix_hit_rate,
+         "per_pod": r.per_pod, "samples": [asdict(s) for s in r.samples]} for r in results]}
+    (outdir / f"{stem}.json").write_text(json.dumps(raw))
+    pngs = plots(rows, results, outdir, stem) if rows else []
+    print("\n".join(report))
+    print(f"wrote {outdir / (stem + '.md')}, {outdir / (stem + '.json')}, " + ", ".join(map(str, pngs)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="bench/run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default="shared-prefix,multi-turn,rag,lora,mixed-priority,random")
+    p.add_argument("--routers", default=",".join(ROUTERS))
+    p.add_argument("--rate", type=float, default=12.0, help="requests per second (Poisson)")
+    p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per run")
+    p.add_argument("--servers", type=int, default=4)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--num-gpu-blocks", type=int, default=2048)
+    p.add_argument("--max-lora", type=int, default=4)
+    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--stem", default="", help="output file name stem (default routing-DATE)")
+    args = p.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)  # peers probe the pods with HTTP/2 first
+    logdir = Path(tempfile.mkdtemp(prefix="epp-bench-"))
+    results, skipped = asyncio.run(run_all(args, logdir))
+    write_report(args, results, skipped)
+    print(f"logs of epp, Envoy and the peer routers: {logdir}")
+
+
+if __name__ == "__main__":
+    main()
