@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1",)
 KIND = "EndpointPickerConfig"
 
-# GIE's current default profile (config/loader/defaults.go): queue 2, KV 2, prefix 3.
+# GIE's current default profile (config/loader/defaults.go): queue 2, KV 2, prefix 3; plus LoRA
+# affinity, and epp's exact in-flight count, which keeps picks apart between two scrapes (without
+# it, every request in a 50 ms scrape window goes to the same "least loaded" pod).
 DEFAULT_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -35,6 +37,7 @@ plugins:
 - type: kv-cache-utilization-scorer
 - type: prefix-cache-scorer
 - type: lora-affinity-scorer
+- type: running-requests-scorer
 - type: max-score-picker
 - type: single-profile-handler
 schedulingProfiles:
@@ -48,6 +51,8 @@ schedulingProfiles:
     weight: 3
   - pluginRef: lora-affinity-scorer
     weight: 1
+  - pluginRef: running-requests-scorer
+    weight: 0.5
   - pluginRef: max-score-picker
 """
 
