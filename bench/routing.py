@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,8 @@ class Router:
     def stop(self) -> None: ...
 
     def pick(self, req: workloads.TimedRequest) -> str:
-        raise NotImplementedError
+        """The pod to send this request to, for routers that pick in the client (`needs_pick`)."""
+        raise TypeError(f"{type(self).__name__} routes by itself; it does not pick in the client")
 
 
 class EppRouter(Router):
@@ -136,13 +138,13 @@ class EppRouter(Router):
             self.proc.wait(timeout=30)
 
 
-class _EnvoyOnlyRouter(Router):
+class _EnvoyOnlyRouter(Router, ABC):
     """An Envoy without epp in front of the pool; subclasses say which."""
 
     envoy: EnvoyProcess | None = None
 
-    def make_envoy(self, opts: EnvoyOptions) -> EnvoyProcess:
-        raise NotImplementedError
+    @abstractmethod
+    def make_envoy(self, opts: EnvoyOptions) -> EnvoyProcess: ...
 
     def start(self) -> None:
         listen, admin = free_ports(2)
