@@ -93,10 +93,10 @@ class Director:
 
     def dry_run(self, request: InferenceRequest, subset: Sequence[str] | None = None) -> DryRun:
         """Everything `decide` would do, without doing it: no in-flight count, no hooks, nothing shed."""
-        run = DryRun(self.candidates(subset))
+        run = DryRun([])
         now = self.datastore.now()
         try:
-            self.candidates_or_fail(subset)
+            run.candidates = self.candidates_or_fail(subset)
             run.saturated = self.admission.detector.saturated(run.candidates, now)
             if request.kind in INFERENCE_KINDS:
                 try:
