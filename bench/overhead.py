@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import os
 import random
+import resource
 import statistics
 import time
 from collections.abc import Iterator
@@ -121,9 +122,23 @@ def gateways(mode: str) -> Iterator[tuple[Stack, DirectEnvoy]]:
             direct.stop()
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of a process (as `taskset -a -p`): epp's gRPC threads exist before we pin."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
 def rate_sweep(args: argparse.Namespace) -> None:
     rates = [float(r) for r in args.rates.split(",")]
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # thousands of sockets at the higher rates
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.epp_cpu is not None:  # the client, Envoys and server (children inherit this) stay off epp's CPU
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - {args.epp_cpu})
     with gateways(args.mode) as (stack, direct):
+        if args.epp_cpu is not None:
+            pin(stack.epp_proc.pid, {args.epp_cpu})
+            print(f"epp pinned to CPU {args.epp_cpu}; client, Envoys and server share the other "
+                  f"{len(os.sched_getaffinity(0))} CPUs")
         rows = asyncio.run(_sweep(stack, direct.url, stack.endpoints[0], rates, args.seconds))
     ms = 1000.0
     print(f"mode={args.mode}  open-loop Poisson, {args.seconds:g}s per rate, each arrival sent through both gateways")
@@ -146,6 +161,8 @@ def main() -> None:
     ap.add_argument("--mode", default="FULL_DUPLEX_STREAMED", help="request/response body mode for epp's Envoy")
     ap.add_argument("--rates", default="", help="comma-separated request rates: open-loop sweep instead")
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds per rate in the sweep")
+    ap.add_argument("--epp-cpu", type=int, default=None,
+                    help="pin epp to this one CPU and keep everything else off it (sweep only)")
     args = ap.parse_args()
     if args.rates:
         rate_sweep(args)

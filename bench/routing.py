@@ -45,7 +45,9 @@ from bench.simulator.server import SimulatedServer, _prompt_text
 from bench.stack import free_ports, grpc_serving, wait_until
 from epp.envoy import EnvoyOptions, EnvoyProcess
 
-ROUTERS = ("epp", "round-robin", "random", "least-queue", "sglang-router", "vllm-router", "oracle")
+ROUTERS = ("epp", "round-robin", "random", "least-queue", "sglang-router", "sglang-router+envoy", "vllm-router",
+           "oracle")
+BEHIND_ENVOY = "+envoy"  # a peer router placed behind the same Envoy that fronts epp: the same hops as epp
 LEAST_QUEUE_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -168,16 +170,18 @@ class EnvoyPoolRouter(_EnvoyOnlyRouter):
 
 
 class PeerRouter(Router):
-    """sglang-router or vllm-router, from PyPI, as their own proxy (no Envoy in front)."""
+    """sglang-router or vllm-router, from PyPI: as their own proxy, or behind the same Envoy as epp (`+envoy`)."""
 
     COMMANDS = {
         "sglang-router": [sys.executable, "-m", "sglang_router.launch_router"],
         "vllm-router": ["vllm-router"],
     }
 
-    def __init__(self, name: str, pods: list[str], logdir: Path) -> None:
+    def __init__(self, name: str, pods: list[str], logdir: Path, behind_envoy: bool = False) -> None:
         self.name, self.pods, self.logdir = name, pods, logdir
+        self.behind_envoy = behind_envoy
         self.proc: subprocess.Popen[bytes] | None = None
+        self.envoy: EnvoyProcess | None = None
 
     @staticmethod
     def _vllm_router() -> str | None:
@@ -213,8 +217,17 @@ class PeerRouter(Router):
                 return False
 
         wait_until(ready, 60, self.name)
+        if self.behind_envoy:
+            # As a user behind a gateway runs it: the gateway's Envoy forwards everything to the router.
+            listen, admin = free_ports(2)
+            self.envoy = PoolEnvoy(EnvoyOptions(listen, 0, admin), [("127.0.0.1", port)], "ROUND_ROBIN")
+            self.envoy.start()
+            self.envoy.wait_ready()
+            self.url = self.envoy.url
 
     def stop(self) -> None:
+        if self.envoy is not None:
+            self.envoy.stop()
         if self.proc is not None:
             self.proc.terminate()
             try:
@@ -313,6 +326,8 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
         router = EnvoyPoolRouter(pods, "RANDOM")
     elif router_name in PeerRouter.COMMANDS:
         router = PeerRouter(router_name, pods, logdir)
+    elif router_name.removesuffix(BEHIND_ENVOY) in PeerRouter.COMMANDS:
+        router = PeerRouter(router_name.removesuffix(BEHIND_ENVOY), pods, logdir, behind_envoy=True)
     elif router_name == "oracle":
         router = OracleRouter(servers)
     else:
@@ -466,9 +481,10 @@ async def run_all(args: argparse.Namespace, logdir: Path) -> tuple[list[RunResul
     routers = [r for r in args.routers.split(",") if r]
     skipped = []
     for r in list(routers):
-        if r in PeerRouter.COMMANDS and not PeerRouter.available(r):
+        peer = r.removesuffix(BEHIND_ENVOY)
+        if peer in PeerRouter.COMMANDS and not PeerRouter.available(peer):
             routers.remove(r)
-            skipped.append(f"{r}: not installed (pip install {r})")
+            skipped.append(f"{r}: not installed (pip install {peer})")
     wl = {n: workloads.build(n, args.rate, args.duration, args.seed) for n in names}
     results: list[RunResult] = []
     for n in names:

@@ -108,6 +108,10 @@ class Director:
             run.error = run.error or e
         return run
 
+    def started(self, request: InferenceRequest, decision: Decision) -> None:
+        """The first byte of the response arrived (the first token, when streaming)."""
+        self.scheduler.response_started(request, decision.endpoint)
+
     def finish(self, request: InferenceRequest, decision: Decision) -> None:
         """The request's response ended (or its stream did). Call exactly once per decision."""
         ep = decision.endpoint

@@ -60,7 +60,7 @@ async def test_explain_shows_every_score_and_the_pick_without_sending(epp: EppSe
     assert pick.passed_filters
     assert set(pick.scores) == {s.name for s in resp.scorers} == {
         "queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer", "lora-affinity-scorer",
-        "running-requests-scorer"}
+        "running-requests-scorer", "prefill-load-scorer"}
     assert pick.scores["lora-affinity-scorer"] == 1.0
     weights = {s.name: s.weight for s in resp.scorers}
     assert pick.total == pytest.approx(sum(weights[n] * v for n, v in pick.scores.items()))

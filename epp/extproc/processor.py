@@ -237,6 +237,8 @@ class ExternalProcessor:
                     eos = msg.response_body.end_of_stream
                     if usage is None:
                         usage = _Usage()
+                    if chunk and not usage.first_byte_at and decision is not None and req is not None:
+                        self.director.started(req, decision)
                     usage.observe(chunk)
                     if response_mode == MODE_FULL_DUPLEX:
                         for r in R.streamed_body(chunk, request=False, end_of_stream=eos):

@@ -108,6 +108,17 @@ class PreRequest(ABC):
         ...
 
 
+class ResponseStarted(ABC):
+    """Told when the first byte of a request's response body arrives (the first token, when streaming).
+
+    Only proxies that send the response body to the EPP report it; `ResponseComplete` always follows.
+    """
+
+    @abstractmethod
+    def response_started(self, request: InferenceRequest, endpoint: Endpoint) -> None:
+        ...
+
+
 class ResponseComplete(ABC):
     """Told when a request's response finished (or its stream ended early)."""
 

@@ -42,6 +42,12 @@ class Params:
             raise self._fail(key, f"must be true or false, got {value!r}")
         return value
 
+    def str(self, key: str, default: str) -> str:
+        value = self._params.pop(key, default)
+        if not isinstance(value, str) or not value:
+            raise self._fail(key, f"must be a non-empty string, got {value!r}")
+        return value
+
     def optional_int(self, key: str) -> int | None:
         if key not in self._params:
             return None

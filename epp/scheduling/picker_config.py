@@ -27,8 +27,10 @@ API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1",)
 KIND = "EndpointPickerConfig"
 
 # GIE's current default profile (config/loader/defaults.go): queue 2, KV 2, prefix 3; plus LoRA
-# affinity, and epp's exact in-flight count, which keeps picks apart between two scrapes (without
-# it, every request in a 50 ms scrape window goes to the same "least loaded" pod).
+# affinity; epp's exact in-flight count, which keeps picks apart between two scrapes (without it,
+# every request in a 50 ms scrape window goes to the same "least loaded" pod); and epp's estimate
+# of the prefill work ahead of the first token, which stops a prefix holder that is busy
+# prefilling a long prompt from collecting every request behind it (README, "Performance").
 DEFAULT_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -38,6 +40,7 @@ plugins:
 - type: prefix-cache-scorer
 - type: lora-affinity-scorer
 - type: running-requests-scorer
+- type: prefill-load-scorer
 - type: max-score-picker
 - type: single-profile-handler
 schedulingProfiles:
@@ -53,6 +56,8 @@ schedulingProfiles:
     weight: 1
   - pluginRef: running-requests-scorer
     weight: 0.5
+  - pluginRef: prefill-load-scorer
+    weight: 3
   - pluginRef: max-score-picker
 """
 

@@ -18,6 +18,7 @@ from epp.scheduling.framework import (
     Plugin,
     PreRequest,
     ResponseComplete,
+    ResponseStarted,
     SchedulingResult,
     WeightedScorer,
 )
@@ -62,6 +63,7 @@ class Scheduler:
         self.profiles = profiles
         self.plugins = plugins
         self._pre_request = [p for p in plugins if isinstance(p, PreRequest)]
+        self._response_started = [p for p in plugins if isinstance(p, ResponseStarted)]
         self._response_complete = [p for p in plugins if isinstance(p, ResponseComplete)]
 
     def schedule(
@@ -76,6 +78,10 @@ class Scheduler:
     def pre_request(self, state: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
         for p in self._pre_request:
             p.pre_request(state, request, result)
+
+    def response_started(self, request: InferenceRequest, endpoint: Endpoint) -> None:
+        for p in self._response_started:
+            p.response_started(request, endpoint)
 
     def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None:
         for p in self._response_complete:

@@ -18,6 +18,7 @@ from epp.scheduling.registry import register
 
 AVERAGE_CHARS_PER_TOKEN = 4  # GIE's approximation; the EPP never tokenizes.
 _STATE_KEY = "prefix-cache.hashes"
+_MATCHED_KEY = "prefix-cache.matched"
 
 
 @register("prefix-cache-scorer")
@@ -33,6 +34,7 @@ class PrefixCacheScorer(Scorer, PreRequest):
     ) -> None:
         super().__init__(name)
         self.block_chars = block_chars or block_size_tokens * AVERAGE_CHARS_PER_TOKEN
+        self.block_tokens = max(1, self.block_chars // AVERAGE_CHARS_PER_TOKEN)
         self.max_prefix_blocks = max_prefix_blocks
         self.index = PrefixIndex(lru_capacity_per_server)
 
@@ -66,12 +68,20 @@ class PrefixCacheScorer(Scorer, PreRequest):
             state.data[_STATE_KEY] = hashes
         return hashes
 
+    def matched_blocks(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> dict[str, int]:
+        """Leading blocks of this prompt each endpoint holds (absent: none); computed once per cycle."""
+        matched = state.data.get(_MATCHED_KEY)
+        if matched is None:
+            hashes = self.hashes(state, request)
+            matched = self.index.match(hashes, (ep.hostport for ep in endpoints)) if hashes else {}
+            state.data[_MATCHED_KEY] = matched
+        return matched
+
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
-        hashes = self.hashes(state, request)
-        if not hashes:
+        matched = self.matched_blocks(state, request, endpoints)
+        total = len(self.hashes(state, request))
+        if not total:
             return [0.0] * len(endpoints)
-        matched = self.index.match(hashes, (ep.hostport for ep in endpoints))
-        total = len(hashes)
         return [matched.get(ep.hostport, 0) / total for ep in endpoints]
 
     def pre_request(self, state: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:

@@ -1,0 +1,123 @@
+"""prefill-load-scorer: prefer the endpoint that reaches this request's first token soonest.
+
+Time to first token is dominated by prefill: the prompt tokens an endpoint must
+compute before it can start this request, which are (a) the uncached tokens of the
+requests already sent there that have not started streaming, and (b) this request's
+own tokens that the endpoint does not hold in its prefix cache. The EPP knows (a)
+exactly for its own traffic, with no scrape delay: it adds a request's estimated
+uncached tokens when it sends the pick and removes them at the response's first byte
+(or at its end, when the proxy does not send response bodies). (b) comes from the
+prefix-cache scorer's index.
+
+Cost = (a) + (b), in tokens. Score = 1 - (cost - cheapest) / max(spread, tokenScale),
+so the cheapest endpoint scores 1, and differences smaller than `tokenScale` tokens
+stay small rather than being stretched to the full 0..1 range.
+
+Without it, a prefix holder busy prefilling another long prompt still wins on cache
+affinity, and every request that follows waits behind that prefill; the scraped
+queue length cannot show it, since a request being prefilled is already running.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from epp.datastore import Endpoint
+from epp.requests import InferenceRequest
+from epp.scheduling.framework import (
+    ConfigError,
+    CycleState,
+    Plugin,
+    PreRequest,
+    ResponseComplete,
+    ResponseStarted,
+    SchedulingResult,
+    Scorer,
+)
+from epp.scheduling.params import Params
+from epp.scheduling.plugins.prefix_cache_scorer import AVERAGE_CHARS_PER_TOKEN, PrefixCacheScorer
+from epp.scheduling.registry import register
+
+_COST_KEY = "prefill-load.cost"
+
+
+@register("prefill-load-scorer")
+class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
+    def __init__(self, name: str = "", *, prefix_scorer: str = "prefix-cache-scorer", token_scale: int = 1024) -> None:
+        super().__init__(name)
+        self.prefix_scorer_name = prefix_scorer
+        self.token_scale = token_scale
+        self.prefix: PrefixCacheScorer | None = None
+        self.backlog: dict[str, int] = {}  # hostport -> uncached prompt tokens not yet prefilled
+        self._pending: dict[int, tuple[str, int]] = {}  # id(request) -> (hostport, tokens)
+
+    @classmethod
+    def from_parameters(cls, name: str, params: dict[str, Any]) -> Plugin:
+        p = Params(cls.type_name, params)
+        prefix = p.str("prefixScorer", "prefix-cache-scorer")
+        scale = p.int("tokenScale", 1024, minimum=1)
+        p.done()
+        return cls(name, prefix_scorer=prefix, token_scale=scale)
+
+    def bind(self, lookup: Callable[[str], Plugin | None]) -> None:
+        plugin = lookup(self.prefix_scorer_name)
+        if plugin is not None and not isinstance(plugin, PrefixCacheScorer):
+            raise ConfigError(f"{self.name}: prefixScorer {self.prefix_scorer_name!r} is not a prefix-cache-scorer")
+        self.prefix = plugin  # None: no cache knowledge, every endpoint must prefill the whole prompt
+
+    def costs(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[int]:
+        cached = state.data.get(_COST_KEY)
+        if cached is not None and cached[0] is endpoints:
+            return cached[1]
+        tokens = len(request.prompt) // AVERAGE_CHARS_PER_TOKEN
+        matched: dict[str, int] = {}
+        block_tokens = 1
+        if self.prefix is not None and tokens:
+            matched = self.prefix.matched_blocks(state, request, endpoints)
+            block_tokens = self.prefix.block_tokens
+        backlog = self.backlog
+        costs = [
+            backlog.get(ep.hostport, 0) + max(0, tokens - matched.get(ep.hostport, 0) * block_tokens)
+            for ep in endpoints
+        ]
+        state.data[_COST_KEY] = (endpoints, costs)
+        return costs
+
+    def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
+        costs = self.costs(state, request, endpoints)
+        lo, hi = min(costs), max(costs)
+        span = max(hi - lo, self.token_scale)
+        return [1.0 - (c - lo) / span for c in costs]
+
+    def pre_request(self, state: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        ep = result.endpoint
+        candidates = result.candidates or [ep]
+        costs = self.costs(state, request, candidates)
+        i = candidates.index(ep) if ep in candidates else -1
+        own = costs[i] - self.backlog.get(ep.hostport, 0) if i >= 0 else len(request.prompt) // AVERAGE_CHARS_PER_TOKEN
+        if own <= 0:
+            return
+        self._pending[id(request)] = (ep.hostport, own)
+        self.backlog[ep.hostport] = self.backlog.get(ep.hostport, 0) + own
+
+    def _release(self, request: InferenceRequest) -> None:
+        entry = self._pending.pop(id(request), None)
+        if entry is None:
+            return
+        hostport, tokens = entry
+        left = self.backlog.get(hostport, 0) - tokens
+        if left > 0:
+            self.backlog[hostport] = left
+        else:
+            self.backlog.pop(hostport, None)
+
+    def response_started(self, request: InferenceRequest, endpoint: Endpoint) -> None:
+        self._release(request)
+
+    def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None:
+        self._release(request)
+
+    def endpoints_changed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        for ep in removed:
+            self.backlog.pop(ep.hostport, None)

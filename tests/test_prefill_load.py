@@ -1,0 +1,160 @@
+"""prefill-load-scorer: a prefix holder busy prefilling a long prompt loses, until that prompt streams."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from epp.scheduling.framework import ConfigError, CycleState, SchedulingResult
+from epp.scheduling.picker_config import load_text
+from epp.scheduling.plugins.prefill_load_scorer import PrefillLoadScorer
+from epp.scheduling.plugins.prefix_cache_scorer import PrefixCacheScorer
+from epp.server import EppServer
+from tests.helpers import NOW, endpoint, request
+from tests.test_extproc import body_msg, completion, dest_header, epp, exchange, headers_msg  # noqa: F401
+
+DOC = "a long shared document. " * 500  # ~3000 tokens at 4 characters a token
+
+
+def state() -> CycleState:
+    return CycleState(NOW, staleness=2.0)
+
+
+def bound() -> tuple[PrefixCacheScorer, PrefillLoadScorer]:
+    prefix, load = PrefixCacheScorer("prefix-cache-scorer"), PrefillLoadScorer()
+    load.bind({"prefix-cache-scorer": prefix}.get)
+    return prefix, load
+
+
+def send(prefix: PrefixCacheScorer, load: PrefillLoadScorer, req, eps, to: int) -> None:
+    """What the director does once a pick is made: every PreRequest plugin is told."""
+    st = state()
+    load.score(st, req, eps)
+    result = SchedulingResult([eps[to]], eps)
+    prefix.pre_request(st, req, result)
+    load.pre_request(st, req, result)
+
+
+def test_holder_wins_then_loses_while_busy_then_wins_again() -> None:
+    prefix, load = bound()
+    eps = [endpoint(1), endpoint(2)]
+    first = request(DOC + "first question?")
+    send(prefix, load, first, eps, to=0)
+    load.response_started(request(), eps[0])  # not that request: nothing is released
+    # The first request is still prefilling on endpoint 1: its ~3000 tokens are endpoint 1's backlog.
+    assert load.backlog == {eps[0].hostport: pytest.approx(len(DOC) // 4, abs=10)}
+
+    # A second, unrelated long prompt: endpoint 2 is idle, endpoint 1 would queue it behind the first.
+    other = request("an unrelated document. " * 500)
+    assert load.score(state(), other, eps) == [0.0, 1.0]
+
+    # A question on the same document: endpoint 1 holds the document but is busy prefilling it;
+    # the costs are ~equal (3000 backlog + 0 vs 0 backlog + 3000), so neither is pushed away.
+    q = request(DOC + "second question?")
+    s = load.score(state(), q, eps)
+    assert abs(s[0] - s[1]) < 0.05
+
+    # The first request starts streaming: its prefill is done, endpoint 1 is clearly best again.
+    load.response_started(first, eps[0])
+    assert load.backlog == {}
+    assert load.score(state(), q, eps) == [1.0, 0.0]
+    load.response_complete(first, eps[0])  # completion after start releases nothing twice
+    assert load.backlog == {}
+
+
+def test_backlog_released_at_completion_without_a_first_byte() -> None:
+    """A proxy that sends no response body (response_body_mode NONE) still releases at the end."""
+    prefix, load = bound()
+    eps = [endpoint(1), endpoint(2)]
+    req = request(DOC)
+    send(prefix, load, req, eps, to=1)
+    assert eps[1].hostport in load.backlog
+    load.response_complete(req, eps[1])
+    assert load.backlog == {}
+
+
+def test_small_differences_stay_small() -> None:
+    """Costs of 25 and 50 tokens differ by far less than tokenScale: both score near 1."""
+    _, load = bound()
+    eps = [endpoint(1), endpoint(2)]
+    short = request("x" * 100)
+    send(*bound(), short, eps, to=0)
+    load.backlog = {eps[1].hostport: 25}
+    scores = load.score(state(), short, eps)
+    assert scores[0] == 1.0
+    assert 0.97 < scores[1] < 1.0
+
+
+def test_without_a_prefix_scorer_every_endpoint_prefills_the_whole_prompt() -> None:
+    load = PrefillLoadScorer()
+    load.bind({}.get)
+    eps = [endpoint(1), endpoint(2)]
+    load.backlog = {eps[0].hostport: 5000}
+    assert load.score(state(), request(DOC), eps) == [0.0, 1.0]
+
+
+def test_removed_endpoint_forgets_its_backlog() -> None:
+    prefix, load = bound()
+    eps = [endpoint(1), endpoint(2)]
+    req = request(DOC)
+    send(prefix, load, req, eps, to=0)
+    load.endpoints_changed([], [eps[0]])
+    assert load.backlog == {}
+    load.response_complete(req, eps[0])  # the late release of a vanished endpoint's request is harmless
+    assert load.backlog == {}
+
+
+CONFIG = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: prefill-load-scorer
+  parameters: {prefixScorer: queue-scorer}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: prefill-load-scorer
+  - pluginRef: max-score-picker
+"""
+
+
+def test_prefix_scorer_reference_must_be_a_prefix_scorer() -> None:
+    with pytest.raises(ConfigError, match="not a prefix-cache-scorer"):
+        load_text(CONFIG, "test")
+    with pytest.raises(ConfigError, match="tokenScale"):
+        load_text(CONFIG.replace("prefixScorer: queue-scorer", "tokenScale: 0"), "test")
+
+
+async def test_first_response_byte_releases_the_backlog_over_grpc(epp: EppServer) -> None:  # noqa: F811
+    """Through the ext_proc stream: released at the first response chunk, before the response ends."""
+    load = next(p for p in epp.picker_config.scheduler.plugins if isinstance(p, PrefillLoadScorer))
+    status = pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(
+        headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+                 base_pb2.HeaderValue(key="content-type", raw_value=b"text/event-stream")])))
+    first_chunk = pb.ProcessingRequest(response_body=pb.HttpBody(body=b'data: {"choices":[]}\n\n'))
+    queue: asyncio.Queue = asyncio.Queue()
+    for m in (headers_msg(), body_msg(completion("long prompt " * 300))):
+        queue.put_nowait(m)
+
+    async def gen():
+        while (m := await queue.get()) is not None:
+            yield m
+
+    call = epp.stub.Process(gen())
+    await asyncio.wait_for(call.read(), 5)  # BUFFERED: the headers are acknowledged first
+    routed = await asyncio.wait_for(call.read(), 5)
+    dest = dest_header(routed.request_body.response)
+    assert load.backlog.get(dest, 0) > 800
+    queue.put_nowait(status)
+    await asyncio.wait_for(call.read(), 5)
+    assert load.backlog.get(dest, 0) > 800  # headers alone say nothing about prefill
+    queue.put_nowait(first_chunk)
+    await asyncio.wait_for(call.read(), 5)
+    assert load.backlog.get(dest, 0) == 0
+    assert epp.datastore.get(dest).inflight == 1  # still streaming
+    queue.put_nowait(None)
