@@ -158,3 +158,20 @@ async def test_first_response_byte_releases_the_backlog_over_grpc(epp: EppServer
     assert load.backlog.get(dest, 0) == 0
     assert epp.datastore.get(dest).inflight == 1  # still streaming
     queue.put_nowait(None)
+
+
+def test_new_prefixes_spread_over_the_pool_cache_but_holders_pay_nothing() -> None:
+    """A prompt no server holds goes to the server whose cache epp has filled least (as a tie-break)."""
+    prefix, load = bound()
+    eps = [endpoint(1), endpoint(2)]
+    for i in range(3):  # endpoint 1 was sent three documents, endpoint 2 one
+        send(prefix, load, request(f"document {i}. " * 300), eps, to=0)
+    send(prefix, load, request("document 9. " * 300), eps, to=1)
+    for ep in eps:
+        load.backlog.pop(ep.hostport, None)  # all of them have started streaming
+    load._pending.clear()
+    new = load.score(state(), request("a new document. " * 300), eps)
+    assert new[1] > new[0]
+    assert new[0] > 0.4  # a tie-break, not a verdict: at most occupancyTokens / tokenScale apart
+    # A question on a document endpoint 1 holds still goes there, however full its cache.
+    assert load.score(state(), request("document 2. " * 300 + "question?"), eps) == [1.0, 0.0]

@@ -82,5 +82,10 @@ class PrefixIndex:
         """Total entries across servers (GIE's prefix_indexer_size)."""
         return sum(len(lru) for lru in self._servers.values())
 
+    def blocks(self, server: str) -> int:
+        """Blocks recorded for one server: how much of its cache epp's traffic has claimed."""
+        lru = self._servers.get(server)
+        return len(lru) if lru is not None else 0
+
     def servers(self) -> list[str]:
         return list(self._servers)

@@ -44,10 +44,12 @@ _COST_KEY = "prefill-load.cost"
 
 @register("prefill-load-scorer")
 class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
-    def __init__(self, name: str = "", *, prefix_scorer: str = "prefix-cache-scorer", token_scale: int = 1024) -> None:
+    def __init__(self, name: str = "", *, prefix_scorer: str = "prefix-cache-scorer", token_scale: int = 1024,
+                 occupancy_tokens: int = 512) -> None:
         super().__init__(name)
         self.prefix_scorer_name = prefix_scorer
         self.token_scale = token_scale
+        self.occupancy_tokens = occupancy_tokens
         self.prefix: PrefixCacheScorer | None = None
         self.backlog: dict[str, int] = {}  # hostport -> uncached prompt tokens not yet prefilled
         self._pending: dict[int, tuple[str, int]] = {}  # id(request) -> (hostport, tokens)
@@ -57,8 +59,9 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
         p = Params(cls.type_name, params)
         prefix = p.str("prefixScorer", "prefix-cache-scorer")
         scale = p.int("tokenScale", 1024, minimum=1)
+        occupancy = p.int("occupancyTokens", 512, minimum=0)
         p.done()
-        return cls(name, prefix_scorer=prefix, token_scale=scale)
+        return cls(name, prefix_scorer=prefix, token_scale=scale, occupancy_tokens=occupancy)
 
     def bind(self, lookup: Callable[[str], Plugin | None]) -> None:
         plugin = lookup(self.prefix_scorer_name)
@@ -67,9 +70,15 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
         self.prefix = plugin  # None: no cache knowledge, every endpoint must prefill the whole prompt
 
     def costs(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[int]:
+        return self._costs(state, request, endpoints)[0]
+
+    def _costs(
+        self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
+    ) -> tuple[list[int], list[int]]:
+        """Each endpoint's cost, and the tokens it would have to prefill for this request itself."""
         cached = state.data.get(_COST_KEY)
         if cached is not None and cached[0] is endpoints:
-            return cached[1]
+            return cached[1], cached[2]
         tokens = len(request.prompt) // AVERAGE_CHARS_PER_TOKEN
         matched: dict[str, int] = {}
         block_tokens = 1
@@ -77,12 +86,20 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
             matched = self.prefix.matched_blocks(state, request, endpoints)
             block_tokens = self.prefix.block_tokens
         backlog = self.backlog
-        costs = [
-            backlog.get(ep.hostport, 0) + max(0, tokens - matched.get(ep.hostport, 0) * block_tokens)
-            for ep in endpoints
-        ]
-        state.data[_COST_KEY] = (endpoints, costs)
-        return costs
+        uncached = [max(0, tokens - matched.get(ep.hostport, 0) * block_tokens) for ep in endpoints]
+        costs = [backlog.get(ep.hostport, 0) + u for ep, u in zip(endpoints, uncached, strict=True)]
+        if self.prefix is not None and self.occupancy_tokens and tokens:
+            # Spread new prefixes over the pool's cache: the larger a server's share of the index, the
+            # more a new copy there is likely to evict what another request will want. Only the part
+            # of the prompt the server would newly store counts, so a prefix holder pays nothing.
+            index = self.prefix.index
+            blocks = [index.blocks(ep.hostport) for ep in endpoints]
+            most = max(blocks)
+            if most:
+                costs = [c + self.occupancy_tokens * b * u // (most * tokens)
+                         for c, b, u in zip(costs, blocks, uncached, strict=True)]
+        state.data[_COST_KEY] = (endpoints, costs, uncached)
+        return costs, uncached
 
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         costs = self.costs(state, request, endpoints)
@@ -93,9 +110,10 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
     def pre_request(self, state: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
         ep = result.endpoint
         candidates = result.candidates or [ep]
-        costs = self.costs(state, request, candidates)
-        i = candidates.index(ep) if ep in candidates else -1
-        own = costs[i] - self.backlog.get(ep.hostport, 0) if i >= 0 else len(request.prompt) // AVERAGE_CHARS_PER_TOKEN
+        if ep in candidates:
+            own = self._costs(state, request, candidates)[1][candidates.index(ep)]
+        else:
+            own = len(request.prompt) // AVERAGE_CHARS_PER_TOKEN
         if own <= 0:
             return
         self._pending[id(request)] = (ep.hostport, own)
