@@ -14,11 +14,14 @@ import httpx
 
 from epp.envoy import EnvoyOptions, EnvoyProcess, render
 
+EXT_PROC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+
 
 def _without_ext_proc(opts: EnvoyOptions) -> dict[str, Any]:
     cfg = render(opts)
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    hcm["http_filters"] = [f for f in hcm["http_filters"]
+                           if f["typed_config"]["@type"] != EXT_PROC_TYPE]
     cfg["static_resources"]["clusters"] = [c for c in cfg["static_resources"]["clusters"] if c["name"] != "ext_proc"]
     return cfg
 

@@ -1,18 +1,22 @@
 """Latency epp adds per request: Envoy → epp → server vs the same Envoy config routing directly.
 
-Both gateways run side by side in one run, from the same bootstrap; the direct one has
-the ext_proc filter removed and the client names the pod itself in
-x-gateway-destination-endpoint. Requests alternate between the two, so machine noise
-hits both alike. Prints p50/p99 of each and the difference (the added latency).
+All gateways run side by side in one run, from the same bootstrap, against one epp and
+one server: epp in the shipped layout (a pick filter, and an observability-mode filter
+that watches the response), epp in GIE's single-filter layout (the pick filter also
+processes the response, in --mode), and the direct one, with the ext_proc filters
+removed and the pod named by the client in x-gateway-destination-endpoint. Requests
+rotate between them, so machine noise hits all alike. Prints p50/p99 of each and the
+difference to direct (the added latency).
 
     python -m bench.overhead [--requests 2000] [--mode FULL_DUPLEX_STREAMED|BUFFERED]
-    python -m bench.overhead --rates 50,100,200,400,800 [--seconds 10]
+    python -m bench.overhead --rates 50,100,200,400,800 [--seconds 10] [--inline]
 
-With --rates, each rate is an open-loop Poisson load: every arrival sends one request
-through each gateway at once. For each rate it prints both latency distributions, the
-difference, the rate achieved, and epp's CPU (share of one core, from /proc) and
-resident memory; the highest rate epp sustains is the last one it keeps up with
-(achieved rate within 5% of the offered rate, no errors, epp under one core).
+With --rates, each rate is an open-loop Poisson load on one layout (the shipped one, or
+with --inline GIE's): every arrival sends one request through it and through the direct
+gateway at once. For each rate it prints both latency distributions, the difference, the
+rate achieved, and epp's CPU (share of one core, from /proc) and resident memory; the
+highest rate epp sustains is the last one it keeps up with (achieved rate within 5% of
+the offered rate, no errors, epp under one core).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import httpx
 
 from bench.gateways import DirectEnvoy
 from bench.stack import Stack, StackOptions, free_ports
-from epp.envoy import EnvoyOptions
+from epp.envoy import EnvoyOptions, EnvoyProcess
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -54,7 +58,9 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-async def _sweep(stack: Stack, direct_url: str, pod: str, rates: list[float], seconds: float) -> list[dict]:
+async def _sweep(
+    stack: Stack, epp_url: str, direct_url: str, pod: str, rates: list[float], seconds: float
+) -> list[dict]:
     import aiohttp
 
     body = {"model": MODEL, "prompt": "The quick brown fox " * 50, "max_tokens": 1}
@@ -77,7 +83,7 @@ async def _sweep(stack: Stack, direct_url: str, pod: str, rates: list[float], se
             out.append(time.perf_counter() - t)
 
         for _ in range(100):  # warm both paths
-            await one(stack.url, {}, [], [])
+            await one(epp_url, {}, [], [])
             await one(direct_url, {"x-gateway-destination-endpoint": pod}, [], [])
         for rate in rates:
             via_epp: list[float] = []
@@ -91,7 +97,7 @@ async def _sweep(stack: Stack, direct_url: str, pod: str, rates: list[float], se
                 delay = next_at - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one(stack.url, {}, via_epp, errors)))
+                tasks.append(asyncio.create_task(one(epp_url, {}, via_epp, errors)))
                 tasks.append(asyncio.create_task(
                     one(direct_url, {"x-gateway-destination-endpoint": pod}, straight, errors)))
             await asyncio.gather(*tasks)
@@ -107,19 +113,25 @@ async def _sweep(stack: Stack, direct_url: str, pod: str, rates: list[float], se
 
 
 @contextlib.contextmanager
-def gateways(mode: str) -> Iterator[tuple[Stack, DirectEnvoy]]:
-    """Envoy + epp + one instant server, and beside it the same Envoy routing directly to that server."""
+def gateways(mode: str) -> Iterator[tuple[Stack, EnvoyProcess, DirectEnvoy]]:
+    """Envoy + epp + one instant server in the shipped layout; beside it, Envoys in GIE's single-filter
+    layout (same epp) and routing directly to that server."""
     opts = StackOptions(servers=1, request_body_mode=mode, response_body_mode=mode,
                         sim_args=["--time-scale", "0"], epp_args=["--seed", "1"])
     with Stack(opts) as stack:
-        listen, admin = free_ports(2)
+        listen, admin, listen2, admin2 = free_ports(4)
         direct = DirectEnvoy(EnvoyOptions(listen, 0, admin))
+        inline = EnvoyProcess(EnvoyOptions(listen2, stack.grpc_port, admin2, request_body_mode=mode,
+                                           response_body_mode=mode, observe_responses=False))
         direct.start()
+        inline.start()
         try:
             direct.wait_ready()
-            yield stack, direct
+            inline.wait_ready()
+            yield stack, inline, direct
         finally:
             direct.stop()
+            inline.stop()
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -134,14 +146,17 @@ def rate_sweep(args: argparse.Namespace) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.epp_cpu is not None:  # the client, Envoys and server (children inherit this) stay off epp's CPU
         os.sched_setaffinity(0, os.sched_getaffinity(0) - {args.epp_cpu})
-    with gateways(args.mode) as (stack, direct):
+    with gateways(args.mode) as (stack, inline, direct):
+        epp_url = inline.url if args.inline else stack.url
         if args.epp_cpu is not None:
             pin(stack.epp_proc.pid, {args.epp_cpu})
             print(f"epp pinned to CPU {args.epp_cpu}; client, Envoys and server share the other "
                   f"{len(os.sched_getaffinity(0))} CPUs")
-        rows = asyncio.run(_sweep(stack, direct.url, stack.endpoints[0], rates, args.seconds))
+        rows = asyncio.run(_sweep(stack, epp_url, direct.url, stack.endpoints[0], rates, args.seconds))
     ms = 1000.0
-    print(f"mode={args.mode}  open-loop Poisson, {args.seconds:g}s per rate, each arrival sent through both gateways")
+    layout = "GIE single-filter layout" if args.inline else "shipped layout (response observed)"
+    print(f"mode={args.mode}, {layout}; open-loop Poisson, {args.seconds:g}s per rate, "
+          "each arrival sent through both gateways")
     print(f"{'rate/s':>7}{'achieved':>9}{'err':>5}{'direct p50':>11}{'epp p50':>9}{'added p50':>10}"
           f"{'direct p99':>11}{'epp p99':>9}{'added p99':>10}{'epp CPU':>9}{'epp RSS':>9}")
     sustained = 0.0
@@ -159,6 +174,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.overhead")
     ap.add_argument("--requests", type=int, default=2000, help="per gateway")
     ap.add_argument("--mode", default="FULL_DUPLEX_STREAMED", help="request/response body mode for epp's Envoy")
+    ap.add_argument("--inline", action="store_true",
+                    help="sweep GIE's single-filter layout instead of the shipped one")
     ap.add_argument("--rates", default="", help="comma-separated request rates: open-loop sweep instead")
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds per rate in the sweep")
     ap.add_argument("--epp-cpu", type=int, default=None,
@@ -168,35 +185,45 @@ def main() -> None:
         rate_sweep(args)
         return
 
-    with gateways(args.mode) as (stack, direct):
+    with gateways(args.mode) as (stack, inline, direct):
         pod = stack.endpoints[0]
         body = {"model": MODEL, "prompt": "The quick brown fox " * 50, "max_tokens": 1}
-        via_epp, straight = [], []
-        with httpx.Client(base_url=stack.url, timeout=10) as a, \
-                httpx.Client(base_url=direct.url, timeout=10) as b:
-            for _ in range(50):  # warm both paths
-                a.post("/v1/completions", json=body)
-                b.post("/v1/completions", json=body, headers={"x-gateway-destination-endpoint": pod})
-            for _ in range(args.requests):
-                t = time.perf_counter()
-                ra = a.post("/v1/completions", json=body)
-                via_epp.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                rb = b.post("/v1/completions", json=body, headers={"x-gateway-destination-endpoint": pod})
-                straight.append(time.perf_counter() - t)
-                if ra.status_code != 200 or rb.status_code != 200:
-                    raise RuntimeError(f"request failed: {ra.text} / {rb.text}")
+        fronts = {  # name: (url, headers)
+            "Envoy direct": (direct.url, {"x-gateway-destination-endpoint": pod}),
+            "Envoy + epp": (stack.url, {}),
+            "Envoy + epp, inline": (inline.url, {}),
+        }
+        times: dict[str, list[float]] = {name: [] for name in fronts}
+        clients = {name: httpx.Client(base_url=url, headers=h, timeout=10) for name, (url, h) in fronts.items()}
+        try:
+            for i in range(50 + args.requests):  # the first 50 warm every path
+                for name, c in clients.items():
+                    t = time.perf_counter()
+                    r = c.post("/v1/completions", json=body)
+                    if i >= 50:
+                        times[name].append(time.perf_counter() - t)
+                    if r.status_code != 200:
+                        raise RuntimeError(f"{name}: request failed: {r.text}")
+        finally:
+            for c in clients.values():
+                c.close()
 
     ms = 1000.0
-    print(f"mode={args.mode}  requests={args.requests} per gateway, one connection each, alternating")
-    print(f"{'':22}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
-    for name, xs in (("Envoy direct", straight), ("Envoy + epp", via_epp)):
-        print(f"{name:22}{pct(xs, 50) * ms:10.3f}{pct(xs, 90) * ms:10.3f}{pct(xs, 99) * ms:10.3f}"
+    print(f"mode={args.mode}  requests={args.requests} per gateway, one connection each, in turn")
+    print("  Envoy + epp: the shipped layout, an observability-mode filter watches the response")
+    print("  Envoy + epp, inline: GIE's single filter, epp processes the response in --mode")
+    print(f"{'':26}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+    for name, xs in times.items():
+        print(f"{name:26}{pct(xs, 50) * ms:10.3f}{pct(xs, 90) * ms:10.3f}{pct(xs, 99) * ms:10.3f}"
               f"{statistics.mean(xs) * ms:10.3f}")
-    print(f"{'added by epp':22}{(pct(via_epp, 50) - pct(straight, 50)) * ms:10.3f}"
-          f"{(pct(via_epp, 90) - pct(straight, 90)) * ms:10.3f}{(pct(via_epp, 99) - pct(straight, 99)) * ms:10.3f}"
-          f"{(statistics.mean(via_epp) - statistics.mean(straight)) * ms:10.3f}")
-    print(f"ratio p50 (epp / direct): {pct(via_epp, 50) / pct(straight, 50):.2f}x")
+    straight = times["Envoy direct"]
+    for name in ("Envoy + epp", "Envoy + epp, inline"):
+        xs = times[name]
+        print(f"{'added: ' + name:26}{(pct(xs, 50) - pct(straight, 50)) * ms:10.3f}"
+              f"{(pct(xs, 90) - pct(straight, 90)) * ms:10.3f}{(pct(xs, 99) - pct(straight, 99)) * ms:10.3f}"
+              f"{(statistics.mean(xs) - statistics.mean(straight)) * ms:10.3f}")
+    print(f"ratio p50 (epp / direct): {pct(times['Envoy + epp'], 50) / pct(straight, 50):.2f}x shipped, "
+          f"{pct(times['Envoy + epp, inline'], 50) / pct(straight, 50):.2f}x inline")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ class StackOptions:
     epp_args: list[str] = field(default_factory=list)
     sim_args: list[str] = field(default_factory=list)
     request_body_mode: str = "FULL_DUPLEX_STREAMED"
+    observe_responses: bool = True  # see EnvoyOptions
     response_body_mode: str = "FULL_DUPLEX_STREAMED"
     failure_mode_allow: bool = False
     envoy: EnvoyOptions | None = None  # overrides the above when given (ports are filled in)
@@ -130,6 +131,7 @@ class Stack:
         if self.opts.envoy is None:
             eo.request_body_mode = self.opts.request_body_mode
             eo.response_body_mode = self.opts.response_body_mode
+            eo.observe_responses = self.opts.observe_responses
             eo.failure_mode_allow = self.opts.failure_mode_allow
         self.envoy = EnvoyProcess(eo).start()
         self.envoy.wait_ready(30)

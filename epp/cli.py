@@ -82,7 +82,11 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-request-body-bytes", type=int, default=16 << 20,
                    help="larger request bodies get 400 (default 16 MiB)")
     g.add_argument("--explain-headers", action="store_true",
-                   help="add x-epp-endpoint and x-epp-explain (scores) to responses: for debugging")
+                   help="set x-epp-endpoint and x-epp-explain (scores) on the routed request; the shipped "
+                        "Envoy config copies them onto the response: for debugging")
+    g.add_argument("--response-observer-grace", type=_duration, default=2.0,
+                   help="a pick whose response no observer stream watches is released this long after "
+                        "its ext_proc stream closes (2s)")
     g.add_argument("--grace-period", type=_duration, default=30.0,
                    help="on SIGTERM, how long streams in flight may take to finish (30s)")
     g.add_argument("--v", "-v", type=int, default=0, dest="verbosity",
@@ -144,6 +148,7 @@ def _options(args: argparse.Namespace):
         config_text=args.config_text,
         max_body_bytes=args.max_request_body_bytes,
         explain_headers=args.explain_headers,
+        observer_grace=args.response_observer_grace,
         grace_period=args.grace_period,
         seed=args.seed,
     )

@@ -49,6 +49,10 @@ class EnvoyOptions:
     listen_address: str = "127.0.0.1"
     extproc_address: str = "127.0.0.1"
     request_body_mode: str = "FULL_DUPLEX_STREAMED"
+    # True: the shipped layout, a second ext_proc filter in observability_mode watches responses.
+    # False: the single-filter layout of GIE's configs; the pick filter processes the response in
+    # response_body_mode.
+    observe_responses: bool = True
     response_body_mode: str = "FULL_DUPLEX_STREAMED"
     failure_mode_allow: bool = False
     # Extra HTTP filters placed before ext_proc (tests use them to set a subset hint).
@@ -68,7 +72,10 @@ def render(opts: EnvoyOptions, template: Path = BOOTSTRAP) -> dict[str, Any]:
     ext["failure_mode_allow"] = opts.failure_mode_allow
     mode = ext["processing_mode"]
     mode["request_body_mode"] = opts.request_body_mode
-    mode["response_body_mode"] = opts.response_body_mode
+    if not opts.observe_responses:
+        filters[:] = [f for f in filters if f["name"] != "epp.response_observer"]
+        mode.update(response_header_mode="SEND", response_body_mode=opts.response_body_mode,
+                    response_trailer_mode="SEND")
     if opts.filters_before_ext_proc:
         idx = filters.index(next(f for f in filters if f["name"] == "envoy.filters.http.ext_proc"))
         filters[idx:idx] = opts.filters_before_ext_proc

@@ -63,6 +63,7 @@ class ServeOptions:
     config_text: str | None = None
     max_body_bytes: int = 16 << 20
     explain_headers: bool = False
+    observer_grace: float = 2.0
     grace_period: float = 30.0
     seed: int | None = None
 
@@ -104,7 +105,8 @@ class EppServer:
         self.metrics = EppMetrics(opts.pool_name)
         self.director = Director(self.datastore, self.picker_config, self.metrics)
         self.processor = ExternalProcessor(
-            self.director, self.metrics, max_body_bytes=opts.max_body_bytes, explain_headers=opts.explain_headers
+            self.director, self.metrics, max_body_bytes=opts.max_body_bytes, explain_headers=opts.explain_headers,
+            observer_grace=opts.observer_grace,
         )
         self.scraper = MetricsScraper(
             self.datastore,

@@ -57,7 +57,7 @@ async def epp():
     ports = free_ports(6)
     opts = ServeOptions(
         grpc_port=ports[0], grpc_health_port=ports[1], metrics_port=0, bind_address="127.0.0.1",
-        endpoints=[f"127.0.0.1:{p}" for p in ports[2:5]], max_body_bytes=4096, seed=1,
+        endpoints=[f"127.0.0.1:{p}" for p in ports[2:5]], max_body_bytes=4096, seed=1, observer_grace=0.1,
     )
     server = EppServer(opts)
     await server.start()
@@ -186,7 +186,8 @@ async def test_inflight_released_on_response_end_and_on_early_stream_end(epp: Ep
     out = await exchange(epp, call_msgs, 4)
     dest = dest_header(out[1].request_body.response)
     assert epp.datastore.get(dest).inflight == 0
-    # Ended early: the stream closes after the pick, with no response at all (client went away).
+    # Ended early: the stream closes after the pick, with no response at all (client went away, or
+    # the proxy watches responses elsewhere and no observer came): released after observer_grace.
     out = await exchange(epp, [headers_msg(), body_msg(completion())], 2)
     dest = dest_header(out[1].request_body.response)
 
@@ -205,3 +206,106 @@ async def test_a_vanished_endpoint_mid_request_is_harmless(epp: EppServer) -> No
     for _ in range(5):
         out = await exchange(epp, [headers_msg(), body_msg(completion())], 2)
         assert dest_header(out[1].request_body.response) in {ep.hostport for ep in survivors}
+
+
+# --- the observed layout: a second ext_proc filter in observability_mode watches the response ---
+
+def pick_key(common: pb.CommonResponse) -> str:
+    for h in common.header_mutation.set_headers:
+        if h.header.key == "x-epp-request-id":
+            return h.header.raw_value.decode()
+    return ""
+
+
+def observer_headers(key: str) -> pb.ProcessingRequest:
+    hs = [base_pb2.HeaderValue(key="x-epp-request-id", raw_value=key.encode())]
+    return pb.ProcessingRequest(observability_mode=True,
+                                request_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=hs)))
+
+
+def observed(msg: pb.ProcessingRequest) -> pb.ProcessingRequest:
+    msg.observability_mode = True
+    return msg
+
+
+SSE_HEADERS = pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+    base_pb2.HeaderValue(key=":status", raw_value=b"200"),
+    base_pb2.HeaderValue(key="content-type", raw_value=b"text/event-stream")])))
+
+
+class Observer:
+    """An observer stream as Envoy drives it: messages go out, nothing is read back until the end."""
+
+    def __init__(self, server: EppServer) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+        async def gen():
+            while (m := await self.queue.get()) is not None:
+                yield m
+
+        self.call = server.stub.Process(gen())
+
+    def send(self, *msgs: pb.ProcessingRequest) -> None:
+        for m in msgs:
+            self.queue.put_nowait(observed(m))
+
+    async def responses(self) -> list[pb.ProcessingResponse]:
+        """Everything epp answered, once it ended the stream."""
+        out = []
+        while (r := await asyncio.wait_for(self.call.read(), 5)) is not grpc.aio.EOF:
+            out.append(r)
+        return out
+
+
+async def until(cond, timeout: float = 5) -> None:
+    async def poll() -> None:
+        while not cond():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+def sample(epp: EppServer, name: str) -> float:
+    return epp.metrics.registry.get_sample_value(name, {"model_name": MODEL, "target_model_name": MODEL}) or 0.0
+
+
+async def test_observer_stream_holds_the_request_until_its_response_ends(epp: EppServer) -> None:
+    out = await exchange(epp, [headers_msg(mode=FULL), body_msg(completion())], 2)
+    common = out[0].request_headers.response
+    dest, key = dest_header(common), pick_key(common)
+    assert key, "the pick names its exchange for the observer"
+    ep = epp.datastore.get(dest)
+    obs = Observer(epp)  # the pick stream has closed; the observer stream opens as Envoy sends on
+    obs.send(observer_headers(key), SSE_HEADERS,
+             pb.ProcessingRequest(response_body=pb.HttpBody(body=b'data: {"choices":[]}\n\n')))
+    exchange_ = epp.processor.exchanges[key]
+    await until(lambda: exchange_.usage.first_byte_at > 0)
+    await asyncio.sleep(3 * epp.opts.observer_grace)  # long past the grace a pick without observer gets
+    assert ep.inflight == 1, "a watched request stays in flight while it streams"
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":51,"completion_tokens":4}}\n\ndata: [DONE]\n\n'
+    obs.send(pb.ProcessingRequest(response_body=pb.HttpBody(body=usage, end_of_stream=True)))
+    assert await obs.responses() == [], "observability_mode: epp answers nothing and ends the stream"
+    assert ep.inflight == 0
+    assert key not in epp.processor.exchanges
+    assert sample(epp, "inference_objective_input_tokens_sum") == 51
+    assert sample(epp, "inference_objective_request_ttft_seconds_count") == 1
+
+
+async def test_observer_stream_that_ends_early_releases_the_request(epp: EppServer) -> None:
+    out = await exchange(epp, [headers_msg(), body_msg(completion())], 2)
+    common = out[1].request_body.response
+    ep, key = epp.datastore.get(dest_header(common)), pick_key(common)
+    obs = Observer(epp)
+    obs.send(observer_headers(key), SSE_HEADERS)
+    await until(lambda: epp.processor.exchanges[key].usage.status == 200)
+    obs.queue.put_nowait(None)  # the client went away: Envoy closes the observer stream
+    await obs.responses()
+    assert ep.inflight == 0
+
+
+async def test_observer_for_an_unknown_exchange_is_closed_at_once(epp: EppServer) -> None:
+    """Another replica's pick, or one long released: epp ends the stream, so Envoy sends no more."""
+    obs = Observer(epp)
+    obs.send(observer_headers("not-ours-1"))
+    assert await obs.responses() == []
+    assert all(ep.inflight == 0 for ep in epp.datastore.all_endpoints())

@@ -33,18 +33,22 @@ SUBSET_FILTER = {
 ECHO = {"x-test-lb-metadata": "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)%"}
 
 
-def _stack(mode: str) -> Stack:
+def _stack(layout: str) -> Stack:
+    """`layout`: request body mode, then "observe" (the shipped two-filter layout) or "inline" (GIE's)."""
+    mode, response_path = layout.split("/")
     return Stack(StackOptions(
         servers=3,
         epp_args=["--explain-headers", "--seed", "5", "--max-request-body-bytes", "65536",
                   "--refresh-metrics-interval", "20ms"],
         sim_args=["--time-scale", "0.3"],
         envoy=EnvoyOptions(0, 0, 0, request_body_mode=mode, response_body_mode=mode,
+                           observe_responses=response_path == "observe",
                            filters_before_ext_proc=[SUBSET_FILTER], response_headers_to_add=ECHO),
     ))
 
 
-@pytest.fixture(scope="module", params=["FULL_DUPLEX_STREAMED", "BUFFERED"])
+@pytest.fixture(scope="module", params=["FULL_DUPLEX_STREAMED/observe", "FULL_DUPLEX_STREAMED/inline",
+                                        "BUFFERED/observe"])
 def stack(request):
     with _stack(request.param) as s:
         yield s
@@ -82,6 +86,32 @@ def test_chat_streaming_through_the_gateway(client: httpx.Client) -> None:
     chunks = [orjson.loads(e[6:]) for e in events[:-1]]
     assert sum(1 for c in chunks if c["choices"]) == 20
     assert chunks[-1]["usage"]["completion_tokens"] == 20
+
+
+def _metric(stack: Stack, name: str) -> float:
+    """The sum of a metric's samples for MODEL, scraped over HTTP."""
+    total = 0.0
+    for ln in httpx.get(stack.metrics_url).text.splitlines():
+        if ln.startswith(name + "{") and f'model_name="{MODEL}"' in ln:
+            total += float(ln.rsplit(" ", 1)[1])
+    return total
+
+
+def test_epp_sees_each_response_and_releases_its_request(client: httpx.Client, stack: Stack) -> None:
+    """Whichever layout watches the response: time to first token and usage reach epp's metrics,
+    and no request stays counted as running once its stream is done."""
+    ttft0 = _metric(stack, "inference_objective_request_ttft_seconds_count")
+    out0 = _metric(stack, "inference_objective_output_tokens_sum")
+    body = {"model": MODEL, "max_tokens": 7, "stream": True, "stream_options": {"include_usage": True},
+            "prompt": "watch this response " * 20}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        r.read()
+    client.post("/v1/completions", json=completion("and this one", max_tokens=5))
+    wait_until(lambda: _metric(stack, "inference_objective_output_tokens_sum") - out0 == 12, 10,
+               "usage of both responses in epp's metrics")
+    assert _metric(stack, "inference_objective_request_ttft_seconds_count") - ttft0 == 2
+    wait_until(lambda: _metric(stack, "inference_objective_running_requests") == 0, 10, "running back to 0")
 
 
 def test_get_requests_are_routed(client: httpx.Client, stack: Stack) -> None:
@@ -156,7 +186,7 @@ def test_a_hanging_metrics_endpoint_does_not_stop_the_gateway(client: httpx.Clie
 
 def test_sigterm_lets_inflight_streams_finish() -> None:
     """Stopping epp: the request in flight completes; afterwards Envoy fails closed (503)."""
-    with _stack("FULL_DUPLEX_STREAMED") as stack, httpx.Client(base_url=stack.url, timeout=30) as client:
+    with _stack("FULL_DUPLEX_STREAMED/observe") as stack, httpx.Client(base_url=stack.url, timeout=30) as client:
         result: dict = {}
         started = threading.Event()
 

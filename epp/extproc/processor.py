@@ -7,15 +7,23 @@ body arrives in chunks while the headers wait unanswered; once the body is
 complete the pick rides on the headers response and the EPP sends the body back
 itself. Errors end the HTTP request with an ImmediateResponse, never the stream.
 
-Response phase. Response headers, body chunks (echoed back in
-FULL_DUPLEX_STREAMED) and trailers are watched for status, time to first byte and
-`usage`. The request counts as finished when the response ends, or when the
-stream ends for any other reason (client gone, upstream reset): exactly once.
+Response phase, watched for status, time to first byte and `usage`, in one of two
+layouts. Inline: the same stream carries response headers, body chunks (echoed
+back in FULL_DUPLEX_STREAMED) and trailers, so every chunk waits on the EPP.
+Observed: the pick stream ends with the request phase, and a second ext_proc
+filter in `observability_mode` opens its own stream, which Envoy feeds without
+waiting for answers; it names the exchange by the `x-epp-request-id` header the
+pick set. Either way the request counts as finished exactly once: when the
+response ends, when its stream ends early (client gone, upstream reset), or, for
+a pick no stream watches, `observer_grace` seconds after the pick stream closed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -43,6 +51,9 @@ def _body_modes() -> tuple[int, int]:
 
 MODE_BUFFERED, MODE_FULL_DUPLEX = _body_modes()
 MAX_USAGE_BUFFER = 1 << 20  # a non-streamed response is kept (up to this) to read its usage
+EXCHANGE_HEADER = "x-epp-request-id"  # names the exchange to the observer stream
+EXPLAIN_ENDPOINT_HEADER = "x-epp-endpoint"
+EXPLAIN_HEADER = "x-epp-explain"
 
 
 def _serialize(msg: bytes | pb.ProcessingResponse) -> bytes:
@@ -120,6 +131,22 @@ class _Usage:
                 self.completion_tokens = ct
 
 
+class _Exchange:
+    """One routed request, from its pick to the end of its response; finished exactly once."""
+
+    __slots__ = ("decision", "done", "key", "observed", "received_at", "req", "response_seen", "usage")
+
+    def __init__(self, key: str, req: InferenceRequest, decision: Decision, received_at: float) -> None:
+        self.key = key
+        self.req = req
+        self.decision = decision
+        self.received_at = received_at
+        self.usage = _Usage()
+        self.done = False
+        self.observed = False  # an observer stream watches the response
+        self.response_seen = False  # the pick stream itself saw the response begin
+
+
 class ExternalProcessor:
     """Serves envoy.service.ext_proc.v3.ExternalProcessor/Process."""
 
@@ -130,12 +157,19 @@ class ExternalProcessor:
         *,
         max_body_bytes: int = 16 << 20,
         explain_headers: bool = False,
+        observer_grace: float = 2.0,
     ) -> None:
         self.director = director
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.explain_headers = explain_headers
+        self.observer_grace = observer_grace
         self.active_streams = 0
+        # Exchanges whose response is (or may yet be) watched by an observer stream. The key's
+        # random prefix keeps another replica's observer from claiming this replica's exchanges.
+        self.exchanges: dict[str, _Exchange] = {}
+        self._key_prefix = secrets.token_hex(4)
+        self._key_seq = itertools.count()
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(
@@ -149,18 +183,19 @@ class ExternalProcessor:
         self, requests: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[bytes | pb.ProcessingResponse]:
         req: InferenceRequest | None = None
-        decision: Decision | None = None
-        usage: _Usage | None = None
+        ex: _Exchange | None = None
         body = bytearray()
         body_mode = MODE_BUFFERED
         response_mode = MODE_BUFFERED
         subset: list[str] | None = None
         received_at = time.monotonic()
-        done = False
         self.active_streams += 1
         try:
             async for msg in requests:
                 kind = msg.WhichOneof("request")
+                if msg.observability_mode:
+                    await self._observe(msg, requests)
+                    return
                 if kind == "request_headers":
                     if msg.HasField("protocol_config"):
                         body_mode = msg.protocol_config.request_body_mode
@@ -175,13 +210,15 @@ class ExternalProcessor:
                         except errors.EppError as e:
                             yield self._fail(req, e)
                             return
-                        yield R.route_on_headers(decision.endpoint.hostport, decision.targets, None)
+                        ex = self._open(req, decision, received_at)
+                        yield R.route_on_headers(decision.endpoint.hostport, decision.targets, None,
+                                                 self._pick_headers(ex))
                     elif body_mode != MODE_FULL_DUPLEX:
                         yield R.CONTINUE_REQUEST_HEADERS
                 elif kind == "request_body":
                     if req is None:
                         continue
-                    if decision is not None:
+                    if ex is not None:
                         # Only reachable if the proxy sends body after we routed; pass it on unchanged.
                         yield (R.streamed_body(msg.request_body.body, request=True,
                                                end_of_stream=msg.request_body.end_of_stream)[0]
@@ -198,7 +235,7 @@ class ExternalProcessor:
                             yield R.CONTINUE_REQUEST_BODY
                         continue
                     try:
-                        decision, out = self._route_body(req, bytes(body), subset, body_mode)
+                        ex, out = self._route_body(req, bytes(body), subset, body_mode, received_at)
                     except errors.EppError as e:
                         yield self._fail(req, e)
                         return
@@ -206,10 +243,10 @@ class ExternalProcessor:
                     for r in out:
                         yield r
                 elif kind == "request_trailers":
-                    if req is not None and decision is None and body_mode == MODE_FULL_DUPLEX:
+                    if req is not None and ex is None and body_mode == MODE_FULL_DUPLEX:
                         # The body ended with trailers rather than an end-of-stream chunk.
                         try:
-                            decision, out = self._route_body(req, bytes(body), subset, body_mode)
+                            ex, out = self._route_body(req, bytes(body), subset, body_mode, received_at)
                         except errors.EppError as e:
                             yield self._fail(req, e)
                             return
@@ -217,47 +254,35 @@ class ExternalProcessor:
                             yield r
                     yield R.CONTINUE_REQUEST_TRAILERS
                 elif kind == "response_headers":
-                    usage = _Usage()
-                    headers = _headers(msg.response_headers)
-                    status = headers.get(":status", "0")
-                    usage.status = int(status) if status.isdigit() else 0
-                    usage.streaming = headers.get("content-type", "").startswith("text/event-stream")
-                    if self.explain_headers and decision is not None:
-                        yield R.response_headers({
-                            "x-epp-endpoint": decision.endpoint.hostport,
-                            "x-epp-explain": self.director.explain(decision),
-                        })
-                    else:
-                        yield R.CONTINUE_RESPONSE_HEADERS
-                    if msg.response_headers.end_of_stream and not done:
-                        done = True
-                        self._complete(req, decision, usage, received_at)
+                    if ex is not None:
+                        ex.response_seen = True
+                        self._response_headers(ex, msg.response_headers)
+                    yield R.CONTINUE_RESPONSE_HEADERS
                 elif kind == "response_body":
                     chunk = msg.response_body.body
                     eos = msg.response_body.end_of_stream
-                    if usage is None:
-                        usage = _Usage()
-                    if chunk and not usage.first_byte_at and decision is not None and req is not None:
-                        self.director.started(req, decision)
-                    usage.observe(chunk)
+                    if ex is not None:
+                        ex.response_seen = True
+                        self._response_body(ex, chunk, eos)
                     if response_mode == MODE_FULL_DUPLEX:
                         for r in R.streamed_body(chunk, request=False, end_of_stream=eos):
                             yield r
                     else:
                         yield R.CONTINUE_RESPONSE_BODY
-                    if eos and not done:
-                        done = True
-                        self._complete(req, decision, usage, received_at)
                 elif kind == "response_trailers":
                     yield R.CONTINUE_RESPONSE_TRAILERS
-                    if not done:
-                        done = True
-                        self._complete(req, decision, usage or _Usage(), received_at)
+                    if ex is not None:
+                        ex.response_seen = True
+                        self._finish(ex)
         finally:
             self.active_streams -= 1
-            if not done and decision is not None and req is not None:
-                # The stream ended before the response did (client gone, upstream reset).
-                self._complete(req, decision, usage, received_at)
+            if ex is not None and not ex.done and not ex.observed:
+                if ex.response_seen:
+                    # The stream ended before the response did (client gone, upstream reset).
+                    self._finish(ex)
+                else:
+                    # The proxy watches responses elsewhere (or not at all): wait for an observer.
+                    asyncio.get_running_loop().call_later(self.observer_grace, self._expire, ex)
 
     # --- request phase -------------------------------------------------------
     def _decide(self, req: InferenceRequest, subset: list[str] | None) -> Decision:
@@ -269,9 +294,25 @@ class ExternalProcessor:
             log.exception("scheduling failed for %s %s", req.kind, req.path)
             raise errors.EppError(errors.INTERNAL, f"internal error while scheduling: {type(e).__name__}") from e
 
+    def _open(self, req: InferenceRequest, decision: Decision, received_at: float) -> _Exchange:
+        key = f"{self._key_prefix}-{next(self._key_seq)}"
+        ex = _Exchange(key, req, decision, received_at)
+        self.exchanges[key] = ex
+        return ex
+
+    def _pick_headers(self, ex: _Exchange) -> dict[str, str]:
+        """Request headers set with the pick: the exchange's name, and the why when asked for."""
+        if not self.explain_headers:
+            return {EXCHANGE_HEADER: ex.key}
+        return {
+            EXCHANGE_HEADER: ex.key,
+            EXPLAIN_ENDPOINT_HEADER: ex.decision.endpoint.hostport,
+            EXPLAIN_HEADER: self.director.explain(ex.decision),
+        }
+
     def _route_body(
-        self, req: InferenceRequest, body: bytes, subset: list[str] | None, body_mode: int
-    ) -> tuple[Decision, list[bytes | pb.ProcessingResponse]]:
+        self, req: InferenceRequest, body: bytes, subset: list[str] | None, body_mode: int, received_at: float
+    ) -> tuple[_Exchange, list[bytes | pb.ProcessingResponse]]:
         parse_body(req, body)
         decision = self._decide(req, subset)
         new_body = rewrite_model(req)
@@ -280,12 +321,16 @@ class ExternalProcessor:
             m.request_total.labels(req.model, req.target_model, str(req.priority)).inc()
             m.request_sizes.labels(req.model, req.target_model).observe(len(body))
             m.running_requests.labels(req.model).inc()
+        ex = self._open(req, decision, received_at)
         ep = decision.endpoint.hostport
+        extra = self._pick_headers(ex)
         if body_mode == MODE_FULL_DUPLEX:
-            out: list[bytes | pb.ProcessingResponse] = [R.route_on_headers(ep, decision.targets, len(new_body))]
+            out: list[bytes | pb.ProcessingResponse] = [
+                R.route_on_headers(ep, decision.targets, len(new_body), extra)
+            ]
             out.extend(R.streamed_body(new_body, request=True, end_of_stream=True))
-            return decision, out
-        return decision, [R.route_on_body(ep, decision.targets, new_body if new_body is not body else None)]
+            return ex, out
+        return ex, [R.route_on_body(ep, decision.targets, new_body if new_body is not body else None, extra)]
 
     def _fail(self, req: InferenceRequest | None, e: errors.EppError) -> pb.ProcessingResponse:
         if e.http_status >= 500:
@@ -297,27 +342,82 @@ class ExternalProcessor:
         return R.immediate(e)
 
     # --- response phase ------------------------------------------------------
-    def _complete(
-        self, req: InferenceRequest | None, decision: Decision | None, usage: _Usage | None, received_at: float
-    ) -> None:
-        if req is None or decision is None:
+    async def _observe(self, first: pb.ProcessingRequest, requests: AsyncIterator[pb.ProcessingRequest]) -> None:
+        """An observer stream: Envoy sends without waiting, so nothing is answered."""
+        key = None
+        if first.WhichOneof("request") == "request_headers":
+            for h in first.request_headers.headers.headers:
+                if h.key == EXCHANGE_HEADER:
+                    key = h.raw_value.decode("ascii", "replace") if h.raw_value else h.value
+                    break
+        ex = self.exchanges.get(key) if key else None
+        if ex is None or ex.done or ex.observed:
+            # Another replica's pick, one already released, or no pick at all: ending the stream
+            # tells Envoy to send nothing more.
+            log.debug("observer stream for unknown exchange %r", key)
             return
-        self.director.finish(req, decision)
+        ex.observed = True
+        try:
+            async for msg in requests:
+                kind = msg.WhichOneof("request")
+                if kind == "response_headers":
+                    self._response_headers(ex, msg.response_headers)
+                elif kind == "response_body":
+                    self._response_body(ex, msg.response_body.body, msg.response_body.end_of_stream)
+                elif kind == "response_trailers":
+                    self._finish(ex)
+                if ex.done:
+                    return
+        finally:
+            if not ex.done:
+                self._finish(ex)  # the stream ended before the response did
+
+    def _response_headers(self, ex: _Exchange, hm: pb.HttpHeaders) -> None:
+        usage = ex.usage
+        for h in hm.headers.headers:
+            if h.key == ":status":
+                status = h.raw_value or h.value.encode()
+                usage.status = int(status) if status.isdigit() else 0
+            elif h.key == "content-type":
+                usage.streaming = (h.raw_value or h.value.encode()).startswith(b"text/event-stream")
+        if hm.end_of_stream:
+            self._finish(ex)
+
+    def _response_body(self, ex: _Exchange, chunk: bytes, eos: bool) -> None:
+        usage = ex.usage
+        if chunk and not usage.first_byte_at:
+            self.director.started(ex.req, ex.decision)
+        usage.observe(chunk)
+        if eos:
+            self._finish(ex)
+
+    def _expire(self, ex: _Exchange) -> None:
+        """No observer claimed this exchange after its pick stream closed: release it now."""
+        if not ex.done and not ex.observed:
+            self._finish(ex)
+
+    def _finish(self, ex: _Exchange) -> None:
+        if ex.done:
+            return
+        ex.done = True
+        self.exchanges.pop(ex.key, None)
+        req, usage = ex.req, ex.usage
+        self.director.finish(req, ex.decision)
         m = self.metrics
         if m is None or req.kind not in INFERENCE_KINDS or req.parsed is None:
             return  # only parsed inference requests were counted in _route_body
         model, target = req.model, req.target_model
         m.running_requests.labels(model).dec()
-        if usage is None or not usage.status:
+        if not usage.status:
             return  # ended before any response: nothing more to record
         usage.finish()
         if usage.status >= 400:
             m.request_error_total.labels(model, target, errors.MODEL_SERVER_ERROR).inc()
             return
         now = time.monotonic()
-        m.request_duration.labels(model, target).observe(now - received_at)
+        m.request_duration.labels(model, target).observe(now - ex.received_at)
         if usage.first_byte_at:
-            m.request_ttft.labels(model, target).observe(usage.first_byte_at - received_at)
+            m.request_ttft.labels(model, target).observe(usage.first_byte_at - ex.received_at)
         m.response_sizes.labels(model, target).observe(usage.size)
         if usage.prompt_tokens is not None:
             m.input_tokens.labels(model, target).observe(usage.prompt_tokens)

@@ -95,16 +95,6 @@ def streamed_body(body: bytes, *, request: bool, end_of_stream: bool) -> list[pb
     return out
 
 
-def response_headers(extra: dict[str, str]) -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(
-        response_headers=pb.HeadersResponse(
-            response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=[
-                _header(k, v) for k, v in extra.items()
-            ]))
-        )
-    )
-
-
 def immediate(error: EppError) -> pb.ProcessingResponse:
     """End the HTTP request here with an OpenAI-style JSON error."""
     return pb.ProcessingResponse(
