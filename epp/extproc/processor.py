@@ -344,12 +344,7 @@ class ExternalProcessor:
     # --- response phase ------------------------------------------------------
     async def _observe(self, first: pb.ProcessingRequest, requests: AsyncIterator[pb.ProcessingRequest]) -> None:
         """An observer stream: Envoy sends without waiting, so nothing is answered."""
-        key = None
-        if first.WhichOneof("request") == "request_headers":
-            for h in first.request_headers.headers.headers:
-                if h.key == EXCHANGE_HEADER:
-                    key = h.raw_value.decode("ascii", "replace") if h.raw_value else h.value
-                    break
+        key = _headers(first.request_headers).get(EXCHANGE_HEADER) if first.HasField("request_headers") else None
         ex = self.exchanges.get(key) if key else None
         if ex is None or ex.done or ex.observed:
             # Another replica's pick, one already released, or no pick at all: ending the stream
@@ -373,13 +368,10 @@ class ExternalProcessor:
                 self._finish(ex)  # the stream ended before the response did
 
     def _response_headers(self, ex: _Exchange, hm: pb.HttpHeaders) -> None:
-        usage = ex.usage
-        for h in hm.headers.headers:
-            if h.key == ":status":
-                status = h.raw_value or h.value.encode()
-                usage.status = int(status) if status.isdigit() else 0
-            elif h.key == "content-type":
-                usage.streaming = (h.raw_value or h.value.encode()).startswith(b"text/event-stream")
+        headers = _headers(hm)
+        status = headers.get(":status", "")
+        ex.usage.status = int(status) if status.isdigit() else 0
+        ex.usage.streaming = headers.get("content-type", "").startswith("text/event-stream")
         if hm.end_of_stream:
             self._finish(ex)
 
