@@ -94,3 +94,50 @@ async def test_scrapes_real_servers_and_survives_a_hanging_and_a_broken_one() ->
         scraper.stop()
         for s in servers:
             await s.stop()
+
+
+async def test_oversized_and_unreachable_metrics_are_errors_not_crashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiohttp import web
+
+    import epp.metrics.scraper as scraper_mod
+
+    monkeypatch.setattr(scraper_mod, "MAX_METRICS_BYTES", 10_000)
+    big = "vllm:num_requests_waiting 1\n" + "# padding\n" * 2000
+
+    async def sized(_: web.Request) -> web.Response:
+        return web.Response(text=big)
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(0, len(big), 1000):
+            await resp.write(big[i : i + 1000].encode())
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/sized/metrics", sized)
+    app.router.add_get("/chunked/metrics", chunked)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port, closed = free_ports(2)
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    ds = Datastore(staleness=2.0)
+    scraper = MetricsScraper(ds, lambda ep: ENGINES["vllm"], interval=0.02, timeout=0.5, path="/sized/metrics")
+    try:
+        scraper.start()
+        ds.set_endpoints(static_endpoints([f"127.0.0.1:{port}", f"127.0.0.1:{closed}"]))
+        sized_ep, dead = ds.all_endpoints()
+        await _wait_for(lambda: sized_ep.scrape_error and dead.scrape_error)
+        assert "too large" in sized_ep.scrape_error
+        assert sized_ep.metrics is None
+        assert "Connect" in dead.scrape_error
+        assert dead.metrics is None
+        # No Content-Length: the cap holds while reading, too (the client lives on the scraper's loop).
+        once = scraper.scrape_once(sized_ep, f"http://127.0.0.1:{port}/chunked/metrics")
+        err = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(once, scraper._loop))
+        assert "too large" in err
+    finally:
+        scraper.stop()
+        await runner.cleanup()
