@@ -9,7 +9,7 @@ rotate between them, so machine noise hits all alike. Prints p50/p99 of each and
 difference to direct (the added latency).
 
     python -m bench.overhead [--requests 2000] [--mode FULL_DUPLEX_STREAMED|BUFFERED]
-    python -m bench.overhead --rates 50,100,200,400,800 [--seconds 10] [--inline]
+    python -m bench.overhead --rates 50,100,200,400,800 [--seconds 10] [--rounds 1] [--inline]
 
 With --rates, each rate is an open-loop Poisson load on one layout (the shipped one, or
 with --inline GIE's): every arrival sends one request through it and through the direct
@@ -152,7 +152,9 @@ def rate_sweep(args: argparse.Namespace) -> None:
             pin(stack.epp_proc.pid, {args.epp_cpu})
             print(f"epp pinned to CPU {args.epp_cpu}; client, Envoys and server share the other "
                   f"{len(os.sched_getaffinity(0))} CPUs")
-        rows = asyncio.run(_sweep(stack, epp_url, direct.url, stack.endpoints[0], rates, args.seconds))
+        rounds = [asyncio.run(_sweep(stack, epp_url, direct.url, stack.endpoints[0], rates, args.seconds))
+                  for _ in range(args.rounds)]
+    rows = [r for rnd in rounds for r in rnd]
     ms = 1000.0
     layout = "GIE single-filter layout" if args.inline else "shipped layout (response observed)"
     print(f"mode={args.mode}, {layout}; open-loop Poisson, {args.seconds:g}s per rate, "
@@ -168,6 +170,13 @@ def rate_sweep(args: argparse.Namespace) -> None:
         if r["achieved"] >= 0.95 * r["rate"] and not r["errors"] and r["epp_cpu"] < 1.0:
             sustained = max(sustained, r["rate"])
     print(f"highest offered rate epp kept up with: {sustained:g} req/s")
+    if args.rounds > 1:
+        print(f"\nover {args.rounds} rounds (each rate once per round): median [min, max] of the added latency")
+        for i, rate in enumerate(rates):
+            p50s = sorted((rnd[i]["epp_p50"] - rnd[i]["direct_p50"]) * ms for rnd in rounds)
+            p99s = sorted((rnd[i]["epp_p99"] - rnd[i]["direct_p99"]) * ms for rnd in rounds)
+            print(f"{rate:7.0f} req/s  added p50 {statistics.median(p50s):.2f} ms [{p50s[0]:.2f}, {p50s[-1]:.2f}]"
+                  f"  added p99 {statistics.median(p99s):.2f} ms [{p99s[0]:.2f}, {p99s[-1]:.2f}]")
 
 
 def main() -> None:
@@ -178,6 +187,8 @@ def main() -> None:
                     help="sweep GIE's single-filter layout instead of the shipped one")
     ap.add_argument("--rates", default="", help="comma-separated request rates: open-loop sweep instead")
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds per rate in the sweep")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the sweep; prints the median and range of each rate's added latency")
     ap.add_argument("--epp-cpu", type=int, default=None,
                     help="pin epp to this one CPU and keep everything else off it (sweep only)")
     args = ap.parse_args()

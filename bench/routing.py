@@ -1,6 +1,7 @@
 """The routing benchmark: the same seeded workload, the same simulated pool, one router after another.
 
     bench/run [--workloads shared-prefix,random] [--routers epp,round-robin,...] [--rate 12] [--duration 40]
+              [--repeat 1]
 
 Routers (each gets a fresh pool of simulators, cold caches, and the identical request stream):
 
@@ -12,6 +13,10 @@ Routers (each gets a fresh pool of simulators, cold caches, and the identical re
 - oracle:       the benchmark itself picks, reading each simulator's true state in-process (its exact
                 prefix cache, queue and adapters, no scrape delay), and Envoy routes to that pod: the
                 upper bound of what routing can do here
+
+With --repeat N, each workload is run N times over all routers in turn (router A, B, C,
+then A, B, C again), so slow drifts of the machine hit every router alike; the table then
+shows each metric's median over the rounds, and every round's p90 TTFT beside it.
 
 The simulators run in this process (so the oracle can read them); Envoy, epp and the
 peer routers are child processes. The client streams every response and records
@@ -26,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,6 +95,7 @@ class RunResult:
     prefix_hit_rate: float = 0.0
     per_pod: dict[str, int] = field(default_factory=dict)
     note: str = ""
+    round: int = 0  # with --repeat, which pass over the routers this run was
 
 
 # --- routers -------------------------------------------------------------------
@@ -388,20 +395,42 @@ def summary(r: RunResult) -> dict[str, Any]:
     }
 
 
+def combined(results: list[RunResult]) -> list[dict[str, Any]]:
+    """One row per (workload, router): a single run's summary, or over repeated rounds the median
+    of every number, with each round's p90 TTFT kept in `ttft_p90_rounds`."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r.workload, r.router), []).append(summary(r))
+    rows = []
+    for runs in groups.values():
+        row = dict(runs[0])
+        if len(runs) > 1:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    row[key] = statistics.median(run[key] for run in runs)
+        row["ttft_p90_rounds"] = [run["ttft_p90"] for run in runs]
+        rows.append(row)
+    return rows
+
+
 def markdown(rows: list[dict[str, Any]], wl: dict[str, workloads.Workload]) -> str:
     out = []
     for name in dict.fromkeys(r["workload"] for r in rows):
         out.append(f"### {name}\n\n{wl[name].description}\n")
+        rounds = max(len(r.get("ttft_p90_rounds", ())) for r in rows)
+        extra = " p90 TTFT per round |" if rounds > 1 else ""
         out.append("| router | ok | shed | err | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p90 | E2E p50 "
-                   "| E2E p90 | tokens/s | prefix-cache hit |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                   "| E2E p90 | tokens/s | prefix-cache hit |" + extra)
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rounds > 1 else ""))
         for r in rows:
             if r["workload"] != name:
                 continue
-            out.append(f"| {r['router']} | {r['ok']} | {r['shed']} | {r['errors']} | {r['ttft_p50']:.0f} ms | "
-                       f"{r['ttft_p90']:.0f} ms | {r['ttft_p99']:.0f} ms | {r['itl_p50']:.1f} ms | "
+            per_round = (" " + ", ".join(f"{v:.1f}" for v in r["ttft_p90_rounds"]) + " |") if rounds > 1 else ""
+            p90 = f"{r['ttft_p90']:.1f}" if rounds > 1 else f"{r['ttft_p90']:.0f}"
+            out.append(f"| {r['router']} | {r['ok']:.0f} | {r['shed']:.0f} | {r['errors']:.0f} | "
+                       f"{r['ttft_p50']:.0f} ms | {p90} ms | {r['ttft_p99']:.0f} ms | {r['itl_p50']:.1f} ms | "
                        f"{r['itl_p90']:.1f} ms | {r['e2e_p50']:.0f} ms | {r['e2e_p90']:.0f} ms | "
-                       f"{r['throughput_tok_s']:.0f} | {r['prefix_hit_rate']:.0%} |")
+                       f"{r['throughput_tok_s']:.0f} | {r['prefix_hit_rate']:.0%} |" + per_round)
         if name == "mixed-priority":
             out.append("Priority ≥ 0 only (the traffic that must not suffer): p90 TTFT " + ", ".join(
                 f"{r['router']} {r['ttft_p90_high_priority']:.0f} ms" for r in rows if r["workload"] == name) + ".")
@@ -457,7 +486,7 @@ def plots(rows: list[dict[str, Any]], results: list[RunResult], outdir: Path, st
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
     for ax, wl in zip(axes[0], names, strict=True):
         for r in results:
-            if r.workload != wl:
+            if r.workload != wl or r.round:  # with --repeat, the first round's distribution
                 continue
             xs = sorted(s.ttft * 1e3 for s in r.samples if s.ttft is not None)
             if xs:
@@ -488,24 +517,27 @@ async def run_all(args: argparse.Namespace, logdir: Path) -> tuple[list[RunResul
     wl = {n: workloads.build(n, args.rate, args.duration, args.seed) for n in names}
     results: list[RunResult] = []
     for n in names:
-        for rt in routers:
-            print(f"[{n}] {rt}: {len(wl[n].requests)} requests over {args.duration:g}s ...", flush=True)
-            try:
-                r = await run_one(wl[n], rt, args, logdir)
-            except Exception as e:  # a peer that fails to run is reported, not fatal
-                print(f"  {rt} failed: {e}", flush=True)
-                skipped.append(f"{rt} on {n}: {e}")
-                continue
-            results.append(r)
-            row = summary(r)
-            print(f"  ok {row['ok']} shed {row['shed']} err {row['errors']}  TTFT p50 {row['ttft_p50']:.0f} "
-                  f"p90 {row['ttft_p90']:.0f} ms  hit {row['prefix_hit_rate']:.0%}", flush=True)
+        for k in range(args.repeat):
+            for rt in routers:
+                tag = f" (round {k + 1} of {args.repeat})" if args.repeat > 1 else ""
+                print(f"[{n}] {rt}{tag}: {len(wl[n].requests)} requests over {args.duration:g}s ...", flush=True)
+                try:
+                    r = await run_one(wl[n], rt, args, logdir)
+                except Exception as e:  # a peer that fails to run is reported, not fatal
+                    print(f"  {rt} failed: {e}", flush=True)
+                    skipped.append(f"{rt} on {n}: {e}")
+                    continue
+                r.round = k
+                results.append(r)
+                row = summary(r)
+                print(f"  ok {row['ok']} shed {row['shed']} err {row['errors']}  TTFT p50 {row['ttft_p50']:.1f} "
+                      f"p90 {row['ttft_p90']:.1f} ms  hit {row['prefix_hit_rate']:.0%}", flush=True)
     return results, skipped
 
 
 def write_report(args: argparse.Namespace, results: list[RunResult], skipped: list[str]) -> None:
     wl = {r.workload: workloads.build(r.workload, args.rate, args.duration, args.seed) for r in results}
-    rows = [summary(r) for r in results]
+    rows = combined(results)
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     stem = args.stem or time.strftime("routing-%Y-%m-%d")
@@ -514,14 +546,17 @@ def write_report(args: argparse.Namespace, results: list[RunResult], skipped: li
               f"Pool: {args.servers} simulated vLLM servers (Llama-3.1-8B on H100 latency model, "
               f"max_num_seqs {args.max_num_seqs}, {args.num_gpu_blocks} KV blocks of 16 tokens, max_lora "
               f"{args.max_lora}, time scale {args.time_scale:g}); Poisson arrivals at {args.rate:g} req/s for "
-              f"{args.duration:g} s; seed {args.seed}. Every router saw the same requests on a fresh, cold pool.", "",
+              f"{args.duration:g} s; seed {args.seed}. Every router saw the same requests on a fresh, cold pool"
+              + (f", {args.repeat} times, routers in turn; numbers are medians over the rounds." if args.repeat > 1
+                 else "."), "",
               markdown(rows, wl), "## Ratios (p90 TTFT, other / epp)", "", "```", *ratios(rows), "```", ""]
     if skipped:
         report += ["## Not run", "", *[f"- {s}" for s in skipped], ""]
     (outdir / f"{stem}.md").write_text("\n".join(report))
     raw = {"args": vars(args), "summary": rows, "runs": [
-        {"workload": r.workload, "router": r.router, "duration": r.duration, "prefix_hit_rate": r.prefix_hit_rate,
-         "per_pod": r.per_pod, "samples": [asdict(s) for s in r.samples]} for r in results]}
+        {"workload": r.workload, "router": r.router, "round": r.round, "duration": r.duration,
+         "prefix_hit_rate": r.prefix_hit_rate, "per_pod": r.per_pod,
+         "samples": [asdict(s) for s in r.samples]} for r in results]}
     (outdir / f"{stem}.json").write_text(json.dumps(raw))
     pngs = plots(rows, results, outdir, stem) if rows else []
     print("\n".join(report))
@@ -541,6 +576,8 @@ def main() -> None:
     p.add_argument("--max-lora", type=int, default=4)
     p.add_argument("--time-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every workload this many times over the routers in turn; report medians")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--stem", default="", help="output file name stem (default routing-DATE)")
     args = p.parse_args()

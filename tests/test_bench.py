@@ -35,3 +35,22 @@ async def test_epp_beats_round_robin_on_cache_hits(tmp_path: Path) -> None:
     report = routing.markdown(rows, {wl.name: wl})
     assert "| epp |" in report
     assert "| round-robin |" in report
+
+
+def test_repeated_rounds_report_the_median_and_every_round() -> None:
+    def run(router: str, k: int, ttft_ms: list[float]) -> routing.RunResult:
+        samples = [routing.Sample(200, "", 0.0, ttft=t / 1e3, e2e=t / 1e3 + 0.1, itl=0.01, tokens=4) for t in ttft_ms]
+        return routing.RunResult("shared-prefix", router, samples, duration=1.0, prefix_hit_rate=0.5, round=k)
+
+    flat = [10.0] * 9
+    results = [run("epp", 0, [*flat, 20.0]), run("sglang-router", 0, [*flat, 40.0]),
+               run("epp", 1, [*flat, 30.0]), run("sglang-router", 1, [*flat, 50.0]),
+               run("epp", 2, [*flat, 80.0]), run("sglang-router", 2, [*flat, 45.0])]
+    rows = {r["router"]: r for r in routing.combined(results)}
+    assert rows["epp"]["ttft_p90_rounds"] == [20.0, 30.0, 80.0]
+    assert rows["epp"]["ttft_p90"] == 30.0  # the median round, not the mean (43.3) nor the pooled p90
+    assert rows["sglang-router"]["ttft_p90"] == 45.0
+    wl = workloads.build("shared-prefix", 1, 1, 1)
+    report = routing.markdown(list(rows.values()), {"shared-prefix": wl})
+    assert "| 20.0, 30.0, 80.0 |" in report
+    assert "shared-prefix: p90 TTFT sglang-router / epp = 1.50x" in "\n".join(routing.ratios(list(rows.values())))
