@@ -415,10 +415,10 @@ def combined(results: list[RunResult]) -> list[dict[str, Any]]:
 
 def markdown(rows: list[dict[str, Any]], wl: dict[str, workloads.Workload]) -> str:
     out = []
+    rounds = max((len(r.get("ttft_p90_rounds", ())) for r in rows), default=0)
+    extra = " p90 TTFT per round |" if rounds > 1 else ""
     for name in dict.fromkeys(r["workload"] for r in rows):
         out.append(f"### {name}\n\n{wl[name].description}\n")
-        rounds = max(len(r.get("ttft_p90_rounds", ())) for r in rows)
-        extra = " p90 TTFT per round |" if rounds > 1 else ""
         out.append("| router | ok | shed | err | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p90 | E2E p50 "
                    "| E2E p90 | tokens/s | prefix-cache hit |" + extra)
         out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rounds > 1 else ""))
