@@ -175,3 +175,47 @@ def test_new_prefixes_spread_over_the_pool_cache_but_holders_pay_nothing() -> No
     assert new[0] > 0.4  # a tie-break, not a verdict: at most occupancyTokens / tokenScale apart
     # A question on a document endpoint 1 holds still goes there, however full its cache.
     assert load.score(state(), request("document 2. " * 300 + "question?"), eps) == [1.0, 0.0]
+
+
+def test_an_endpoint_holding_the_adapter_saves_its_load() -> None:
+    _, load = bound()
+    eps = [endpoint(1, max_lora=4), endpoint(2, max_lora=4, active=("sql-lora",)), endpoint(3, max_lora=4)]
+    # The only difference is the load (2048 tokens by default, over tokenScale): the holder scores 1, the rest 0.
+    assert load.score(state(), request("a short question", model="sql-lora"), eps) == [0.0, 1.0, 0.0]
+    # A base model (no scrape shows it as an adapter): no endpoint pays a load.
+    assert load.score(state(), request("a short question", model="m"), eps) == [1.0, 1.0, 1.0]
+
+
+def test_a_pick_holds_the_adapter_until_the_next_scrape_says_otherwise() -> None:
+    """Between scrapes epp trusts its own picks: the endpoint it sent the adapter to is loading it."""
+    prefix, load = bound()
+    eps = [endpoint(1, max_lora=4), endpoint(2, max_lora=4, active=("sql-lora",)), endpoint(3, max_lora=4)]
+    q = request("a short question", model="sql-lora")
+    send(prefix, load, q, eps, to=0)
+    load.response_started(q, eps[0])
+    # Both hold it (endpoint 1 also holds the prompt's few tokens now, hence approx).
+    assert load.score(state(), q, eps) == [1.0, pytest.approx(1.0, abs=0.01), 0.0]
+    # Endpoint 1's next scrape does not show the adapter (evicted, or the request failed): no longer held.
+    eps[0].metrics = endpoint(1, max_lora=4, age=-0.05).metrics
+    later = CycleState(NOW + 0.1, staleness=2.0)
+    assert load.score(later, q, eps) == [pytest.approx(0.0, abs=0.01), 1.0, 0.0]
+
+
+def test_base_model_picks_are_not_remembered_as_adapters() -> None:
+    prefix, load = bound()
+    eps = [endpoint(1, max_lora=4), endpoint(2, max_lora=4, active=("sql-lora",))]
+    send(prefix, load, request("hello", model="m"), eps, to=0)
+    assert load._adapters_sent == {}
+
+
+def test_default_profile_sends_an_adapter_where_it_is_loaded_despite_a_longer_queue() -> None:
+    """Loading an adapter costs more than waiting behind one queued request; the default profile knows it."""
+    from epp.scheduling.picker_config import default_config
+
+    scheduler = default_config(seed=1).scheduler
+    eps = [endpoint(1, max_lora=4, waiting=0), endpoint(2, max_lora=4, waiting=1, active=("sql-lora",))]
+    for _ in range(5):
+        result, _ = scheduler.schedule(request("a short question", model="sql-lora"), eps, NOW, 2.0)
+        assert result.endpoint is eps[1]
+    result, _ = scheduler.schedule(request("a short question", model="m"), eps, NOW, 2.0)
+    assert result.endpoint is eps[0]  # the base model: the shorter queue wins

@@ -9,7 +9,16 @@ uncached tokens when it sends the pick and removes them at the response's first 
 (or at its end, when the proxy does not send response bodies). (b) comes from the
 prefix-cache scorer's index.
 
-Cost = (a) + (b), in tokens. Score = 1 - (cost - cheapest) / max(spread, tokenScale),
+(c) When the request names a LoRA adapter the endpoint does not hold, the load
+comes first: `loraLoadTokens`, default 2048. A 25 ms load is about 1000 prompt
+tokens of an 8B model's prefill on an H100, and the load also stalls every request
+in the endpoint's batch, hence twice that. An endpoint holds the adapter if its last scrape shows it
+running or waiting, or if epp sent it a request for that adapter since that scrape.
+Without (c) the adapter's first requests, landing while every endpoint still has a
+free slot, scatter it over the pool; each endpoint then spends its slots on copies
+of the popular adapters and the rest keep being loaded and evicted.
+
+Cost = (a) + (b) + (c), in tokens. Score = 1 - (cost - cheapest) / max(spread, tokenScale),
 so the cheapest endpoint scores 1, and differences smaller than `tokenScale` tokens
 stay small rather than being stretched to the full 0..1 range.
 
@@ -40,19 +49,24 @@ from epp.scheduling.plugins.prefix_cache_scorer import AVERAGE_CHARS_PER_TOKEN, 
 from epp.scheduling.registry import register
 
 _COST_KEY = "prefill-load.cost"
+_MAX_KNOWN_ADAPTERS = 4096
 
 
 @register("prefill-load-scorer")
 class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
     def __init__(self, name: str = "", *, prefix_scorer: str = "prefix-cache-scorer", token_scale: int = 1024,
-                 occupancy_tokens: int = 512) -> None:
+                 occupancy_tokens: int = 512, lora_load_tokens: int = 2048) -> None:
         super().__init__(name)
         self.prefix_scorer_name = prefix_scorer
         self.token_scale = token_scale
         self.occupancy_tokens = occupancy_tokens
+        self.lora_load_tokens = lora_load_tokens
         self.prefix: PrefixCacheScorer | None = None
         self.backlog: dict[str, int] = {}  # hostport -> uncached prompt tokens not yet prefilled
         self._pending: dict[int, tuple[str, int]] = {}  # id(request) -> (hostport, tokens)
+        # hostport -> {adapter: when epp last sent it there}; trusted only until the next scrape.
+        self._adapters_sent: dict[str, dict[str, float]] = {}
+        self._known_adapters: dict[str, None] = {}  # names scrapes have shown as adapters, oldest first
 
     @classmethod
     def from_parameters(cls, name: str, params: dict[str, Any]) -> Plugin:
@@ -60,8 +74,10 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
         prefix = p.str("prefixScorer", "prefix-cache-scorer")
         scale = p.int("tokenScale", 1024, minimum=1)
         occupancy = p.int("occupancyTokens", 512, minimum=0)
+        lora_load = p.int("loraLoadTokens", 2048, minimum=0)
         p.done()
-        return cls(name, prefix_scorer=prefix, token_scale=scale, occupancy_tokens=occupancy)
+        return cls(name, prefix_scorer=prefix, token_scale=scale, occupancy_tokens=occupancy,
+                   lora_load_tokens=lora_load)
 
     def bind(self, lookup: Callable[[str], Plugin | None]) -> None:
         plugin = lookup(self.prefix_scorer_name)
@@ -98,8 +114,37 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
             if most:
                 costs = [c + self.occupancy_tokens * b * u // (most * tokens)
                          for c, b, u in zip(costs, blocks, uncached, strict=True)]
+        if self.lora_load_tokens:
+            held = self._holds_adapter(state, request.target_model or request.model, endpoints)
+            if held is not None:
+                load = self.lora_load_tokens
+                costs = [c if h else c + load for c, h in zip(costs, held, strict=True)]
         state.data[_COST_KEY] = (endpoints, costs, uncached)
         return costs, uncached
+
+    def _holds_adapter(self, state: CycleState, model: str, endpoints: list[Endpoint]) -> list[bool] | None:
+        """Per endpoint, whether it holds `model` as a LoRA adapter; None when `model` is not a
+        known adapter (a base model, or an adapter no scrape has shown yet): then no endpoint
+        pays a load, as far as epp can tell."""
+        held = []
+        for ep in endpoints:
+            m = state.metrics(ep)
+            held.append(m is not None and (model in m.active_adapters or model in m.waiting_adapters))
+        known = self._known_adapters
+        if any(held):
+            if model not in known:
+                known[model] = None
+                if len(known) > _MAX_KNOWN_ADAPTERS:
+                    del known[next(iter(known))]
+        elif model not in known:
+            return None
+        for i, ep in enumerate(endpoints):
+            sent = self._adapters_sent.get(ep.hostport)
+            at = sent.get(model) if sent and not held[i] else None
+            if at is not None:
+                m = state.metrics(ep)
+                held[i] = m is None or at >= m.scraped_at
+        return held
 
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         costs = self.costs(state, request, endpoints)
@@ -109,6 +154,8 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
 
     def pre_request(self, state: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
         ep = result.endpoint
+        if self.lora_load_tokens:
+            self._note_adapter(state, request, ep)
         candidates = result.candidates or [ep]
         if ep in candidates:
             own = self._costs(state, request, candidates)[1][candidates.index(ep)]
@@ -118,6 +165,20 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
             return
         self._pending[id(request)] = (ep.hostport, own)
         self.backlog[ep.hostport] = self.backlog.get(ep.hostport, 0) + own
+
+    def _note_adapter(self, state: CycleState, request: InferenceRequest, ep: Endpoint) -> None:
+        """Remember that `ep` is loading (or holds) the request's adapter, until its next scrape says."""
+        m = state.metrics(ep)
+        if m is None or not m.max_lora:
+            return  # the endpoint serves no adapters (or its state is unknown)
+        model = request.target_model or request.model
+        if model not in self._known_adapters:
+            return  # a base model, or an adapter not seen yet
+        sent = self._adapters_sent.setdefault(ep.hostport, {})
+        sent[model] = state.now
+        if len(sent) > 4 * m.max_lora:  # bounded: drop what a scrape has since overtaken
+            for name in [n for n, at in sent.items() if at < m.scraped_at]:
+                del sent[name]
 
     def _release(self, request: InferenceRequest) -> None:
         entry = self._pending.pop(id(request), None)
@@ -139,3 +200,4 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
     def endpoints_changed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         for ep in removed:
             self.backlog.pop(ep.hostport, None)
+            self._adapters_sent.pop(ep.hostport, None)
