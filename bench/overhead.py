@@ -41,6 +41,12 @@ from epp.envoy import EnvoyOptions, EnvoyProcess
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
 
+def request_body(prompt_chars: int) -> dict:
+    """A completion request with a prompt of about this many characters (4 make a token)."""
+    words = "The quick brown fox "
+    return {"model": MODEL, "prompt": (words * (prompt_chars // len(words) + 1))[:prompt_chars], "max_tokens": 1}
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
@@ -59,11 +65,12 @@ def _rss_mib(pid: int) -> float:
 
 
 async def _sweep(
-    stack: Stack, epp_url: str, direct_url: str, pod: str, rates: list[float], seconds: float
+    stack: Stack, epp_url: str, direct_url: str, pod: str, rates: list[float], seconds: float,
+    prompt_chars: int = 1000,
 ) -> list[dict]:
     import aiohttp
 
-    body = {"model": MODEL, "prompt": "The quick brown fox " * 50, "max_tokens": 1}
+    body = request_body(prompt_chars)
     rows = []
     pid = stack.epp_proc.pid
     rng = random.Random(1)
@@ -152,13 +159,14 @@ def rate_sweep(args: argparse.Namespace) -> None:
             pin(stack.epp_proc.pid, {args.epp_cpu})
             print(f"epp pinned to CPU {args.epp_cpu}; client, Envoys and server share the other "
                   f"{len(os.sched_getaffinity(0))} CPUs")
-        rounds = [asyncio.run(_sweep(stack, epp_url, direct.url, stack.endpoints[0], rates, args.seconds))
+        rounds = [asyncio.run(_sweep(stack, epp_url, direct.url, stack.endpoints[0], rates, args.seconds,
+                                     args.prompt_chars))
                   for _ in range(args.rounds)]
     rows = [r for rnd in rounds for r in rnd]
     ms = 1000.0
     layout = "GIE single-filter layout" if args.inline else "shipped layout (response observed)"
-    print(f"mode={args.mode}, {layout}; open-loop Poisson, {args.seconds:g}s per rate, "
-          "each arrival sent through both gateways")
+    print(f"mode={args.mode}, {layout}, prompt {args.prompt_chars} chars; open-loop Poisson, "
+          f"{args.seconds:g}s per rate, each arrival sent through both gateways")
     print(f"{'rate/s':>7}{'achieved':>9}{'err':>5}{'direct p50':>11}{'epp p50':>9}{'added p50':>10}"
           f"{'direct p99':>11}{'epp p99':>9}{'added p99':>10}{'epp CPU':>9}{'epp RSS':>9}")
     sustained = 0.0
@@ -191,6 +199,8 @@ def main() -> None:
                     help="repeat the sweep; prints the median and range of each rate's added latency")
     ap.add_argument("--epp-cpu", type=int, default=None,
                     help="pin epp to this one CPU and keep everything else off it (sweep only)")
+    ap.add_argument("--prompt-chars", type=int, default=1000,
+                    help="prompt length in characters (the body epp reads and sends back grows with it)")
     args = ap.parse_args()
     if args.rates:
         rate_sweep(args)
@@ -198,7 +208,7 @@ def main() -> None:
 
     with gateways(args.mode) as (stack, inline, direct):
         pod = stack.endpoints[0]
-        body = {"model": MODEL, "prompt": "The quick brown fox " * 50, "max_tokens": 1}
+        body = request_body(args.prompt_chars)
         fronts = {  # name: (url, headers)
             "Envoy direct": (direct.url, {"x-gateway-destination-endpoint": pod}),
             "Envoy + epp": (stack.url, {}),
@@ -220,7 +230,8 @@ def main() -> None:
                 c.close()
 
     ms = 1000.0
-    print(f"mode={args.mode}  requests={args.requests} per gateway, one connection each, in turn")
+    print(f"mode={args.mode}  requests={args.requests} per gateway, prompt {args.prompt_chars} chars, "
+          "one connection each, in turn")
     print("  Envoy + epp: the shipped layout, an observability-mode filter watches the response")
     print("  Envoy + epp, inline: GIE's single filter, epp processes the response in --mode")
     print(f"{'':26}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'mean ms':>10}")

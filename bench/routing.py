@@ -505,6 +505,12 @@ def plots(rows: list[dict[str, Any]], results: list[RunResult], outdir: Path, st
     return paths
 
 
+def round_order(routers: list[str], k: int) -> list[str]:
+    """Round k's order: each round starts one router later (A B C, B C A, ...), so none always runs first."""
+    k %= len(routers) or 1
+    return routers[k:] + routers[:k]
+
+
 async def run_all(args: argparse.Namespace, logdir: Path) -> tuple[list[RunResult], list[str]]:
     names = [w for w in args.workloads.split(",") if w]
     routers = [r for r in args.routers.split(",") if r]
@@ -518,7 +524,7 @@ async def run_all(args: argparse.Namespace, logdir: Path) -> tuple[list[RunResul
     results: list[RunResult] = []
     for n in names:
         for k in range(args.repeat):
-            for rt in routers:
+            for rt in round_order(routers, k):
                 tag = f" (round {k + 1} of {args.repeat})" if args.repeat > 1 else ""
                 print(f"[{n}] {rt}{tag}: {len(wl[n].requests)} requests over {args.duration:g}s ...", flush=True)
                 try:

@@ -37,6 +37,14 @@ async def test_epp_beats_round_robin_on_cache_hits(tmp_path: Path) -> None:
     assert "| round-robin |" in report
 
 
+def test_repeated_rounds_rotate_which_router_runs_first() -> None:
+    routers = ["epp", "sglang-router", "oracle"]
+    orders = [routing.round_order(routers, k) for k in range(4)]
+    assert [o[0] for o in orders] == ["epp", "sglang-router", "oracle", "epp"]
+    assert all(sorted(o) == sorted(routers) for o in orders)
+    assert routing.round_order([], 3) == []
+
+
 def test_repeated_rounds_report_the_median_and_every_round() -> None:
     def run(router: str, k: int, ttft_ms: list[float]) -> routing.RunResult:
         samples = [routing.Sample(200, "", 0.0, ttft=t / 1e3, e2e=t / 1e3 + 0.1, itl=0.01, tokens=4) for t in ttft_ms]
