@@ -12,8 +12,9 @@ prefix-cache scorer's index.
 (c) When the request names a LoRA adapter the endpoint does not hold, the load
 comes first: `loraLoadTokens`, default 2048. A 25 ms load is about 1000 prompt
 tokens of an 8B model's prefill on an H100, and the load also stalls every request
-in the endpoint's batch, hence twice that. An endpoint holds the adapter if its last scrape shows it
-running or waiting, or if epp sent it a request for that adapter since that scrape.
+in the endpoint's batch, hence twice that. An endpoint holds the adapter if its
+last scrape shows it running or waiting, or if epp sent it a request for that
+adapter since that scrape.
 Without (c) the adapter's first requests, landing while every endpoint still has a
 free slot, scatter it over the pool; each endpoint then spends its slots on copies
 of the popular adapters and the rest keep being loaded and evicted.
@@ -126,10 +127,8 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
         """Per endpoint, whether it holds `model` as a LoRA adapter; None when `model` is not a
         known adapter (a base model, or an adapter no scrape has shown yet): then no endpoint
         pays a load, as far as epp can tell."""
-        held = []
-        for ep in endpoints:
-            m = state.metrics(ep)
-            held.append(m is not None and (model in m.active_adapters or model in m.waiting_adapters))
+        scraped = [state.metrics(ep) for ep in endpoints]
+        held = [m is not None and (model in m.active_adapters or model in m.waiting_adapters) for m in scraped]
         known = self._known_adapters
         if any(held):
             if model not in known:
@@ -138,11 +137,10 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
                     del known[next(iter(known))]
         elif model not in known:
             return None
-        for i, ep in enumerate(endpoints):
+        for i, (ep, m) in enumerate(zip(endpoints, scraped, strict=True)):
             sent = self._adapters_sent.get(ep.hostport)
             at = sent.get(model) if sent and not held[i] else None
             if at is not None:
-                m = state.metrics(ep)
                 held[i] = m is None or at >= m.scraped_at
         return held
 
