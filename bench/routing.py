@@ -5,7 +5,8 @@
 
 Routers (each gets a fresh pool of simulators, cold caches, and the identical request stream):
 
-- epp:          Envoy -> epp (default EndpointPickerConfig) -> pod
+- epp:          Envoy -> epp (default EndpointPickerConfig) -> pod, the pick over ext_proc (deploy/envoy.yaml)
+- epp-http-pick: the same epp, the pick over HTTP through ext_authz (deploy/envoy-http-pick.yaml)
 - least-queue:  Envoy -> epp configured with queue-scorer only
 - round-robin:  Envoy's ROUND_ROBIN over the pods (what a plain Kubernetes Service gives)
 - random:       Envoy's RANDOM over the pods
@@ -51,8 +52,8 @@ from bench.simulator.server import SimulatedServer, _prompt_text
 from bench.stack import free_ports, grpc_serving, wait_until
 from epp.envoy import EnvoyOptions, EnvoyProcess
 
-ROUTERS = ("epp", "round-robin", "random", "least-queue", "sglang-router", "sglang-router+envoy", "vllm-router",
-           "oracle")
+ROUTERS = ("epp", "epp-http-pick", "round-robin", "random", "least-queue", "sglang-router", "sglang-router+envoy",
+           "vllm-router", "oracle")
 BEHIND_ENVOY = "+envoy"  # a peer router placed behind the same Envoy that fronts epp: the same hops as epp
 LEAST_QUEUE_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -115,18 +116,19 @@ class Router:
 
 
 class EppRouter(Router):
-    def __init__(self, pods: list[str], logdir: Path, config: str | None = None) -> None:
-        self.pods, self.logdir, self.config = pods, logdir, config
+    def __init__(self, pods: list[str], logdir: Path, config: str | None = None, layout: str = "ext-proc") -> None:
+        self.pods, self.logdir, self.config, self.layout = pods, logdir, config, layout
         self.proc: subprocess.Popen[bytes] | None = None
         self.envoy: EnvoyProcess | None = None
 
     def start(self) -> None:
-        grpc_port, health_port, metrics_port, listen, admin = free_ports(5)
+        grpc_port, health_port, metrics_port, listen, admin, pick_port = free_ports(6)
         pool = self.logdir / "pool.yaml"
         pool.write_text(POOL_FILE)
         args = [sys.executable, "-m", "epp", "serve", "--endpoints", ",".join(self.pods), "--pool-file", str(pool),
                 "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
-                "--metrics-port", str(metrics_port), "--bind-address", "127.0.0.1", "--seed", "1"]
+                "--metrics-port", str(metrics_port), "--http-pick-port", str(pick_port),
+                "--bind-address", "127.0.0.1", "--seed", "1"]
         if self.config:
             args += ["--config-text", self.config]
         log = open(self.logdir / "epp.log", "ab")  # noqa: SIM115 - lives as long as the process
@@ -135,7 +137,8 @@ class EppRouter(Router):
         wait_until(lambda: proc.poll() is not None or grpc_serving(health_port), 30, "epp")
         if proc.poll() is not None:
             raise RuntimeError(f"epp exited: {(self.logdir / 'epp.log').read_text()[-3000:]}")
-        self.envoy = EnvoyProcess(EnvoyOptions(listen, grpc_port, admin)).start()
+        self.envoy = EnvoyProcess(EnvoyOptions(listen, grpc_port, admin, layout=self.layout,
+                                               http_pick_port=pick_port)).start()
         self.envoy.wait_ready()
         self.url = self.envoy.url
 
@@ -325,6 +328,8 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
     router: Router
     if router_name == "epp":
         router = EppRouter(pods, logdir)
+    elif router_name == "epp-http-pick":
+        router = EppRouter(pods, logdir, layout="http-pick")
     elif router_name == "least-queue":
         router = EppRouter(pods, logdir, LEAST_QUEUE_CONFIG)
     elif router_name == "round-robin":

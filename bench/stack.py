@@ -55,6 +55,7 @@ class StackOptions:
     observe_responses: bool = True  # see EnvoyOptions
     response_body_mode: str = "FULL_DUPLEX_STREAMED"
     failure_mode_allow: bool = False
+    layout: str = "ext-proc"  # or "http-pick" (see EnvoyOptions)
     envoy: EnvoyOptions | None = None  # overrides the above when given (ports are filled in)
     base_port: int | None = None
 
@@ -64,11 +65,12 @@ class Stack:
         self.opts = opts or StackOptions()
         n = self.opts.servers
         if self.opts.base_port:
-            ports = list(range(self.opts.base_port, self.opts.base_port + n + 5))
+            ports = list(range(self.opts.base_port, self.opts.base_port + n + 6))
         else:
-            ports = free_ports(n + 5)
+            ports = free_ports(n + 6)
         self.sim_ports = ports[:n]
-        self.grpc_port, self.health_port, self.metrics_port, self.listen_port, self.admin_port = ports[n:]
+        (self.grpc_port, self.health_port, self.metrics_port, self.listen_port, self.admin_port,
+         self.http_pick_port) = ports[n:]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.envoy: EnvoyProcess | None = None
         self._logdir = tempfile.TemporaryDirectory(prefix="epp-stack-")
@@ -113,8 +115,8 @@ class Stack:
             sys.executable, "-m", "epp", "serve",
             "--endpoints", ",".join(self.endpoints),
             "--grpc-port", str(self.grpc_port), "--grpc-health-port", str(self.health_port),
-            "--metrics-port", str(self.metrics_port), "--bind-address", "127.0.0.1",
-            *self.opts.epp_args, *(extra or []),
+            "--metrics-port", str(self.metrics_port), "--http-pick-port", str(self.http_pick_port),
+            "--bind-address", "127.0.0.1", *self.opts.epp_args, *(extra or []),
         ])
         self.epp_proc = proc
         wait_until(lambda: proc.poll() is not None or self.epp_serving(), 30, f"epp health\n{self.log('epp')}")
@@ -128,7 +130,9 @@ class Stack:
     def start_envoy(self) -> None:
         eo = self.opts.envoy or EnvoyOptions(0, 0, 0)
         eo.listen_port, eo.extproc_port, eo.admin_port = self.listen_port, self.grpc_port, self.admin_port
+        eo.http_pick_port = self.http_pick_port
         if self.opts.envoy is None:
+            eo.layout = self.opts.layout
             eo.request_body_mode = self.opts.request_body_mode
             eo.response_body_mode = self.opts.response_body_mode
             eo.observe_responses = self.opts.observe_responses

@@ -46,6 +46,8 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port (default 9002)")
     g.add_argument("--grpc-health-port", type=int, default=9003, help="grpc.health.v1 port (default 9003)")
     g.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (default 9090)")
+    g.add_argument("--http-pick-port", type=int, default=9004,
+                   help="the pick over HTTP for Envoy's ext_authz, deploy/envoy-http-pick.yaml (default 9004; 0: off)")
     g.add_argument("--bind-address", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     g = p.add_argument_group("pool")
     g.add_argument("--endpoints", action="append", default=[], metavar="IP:PORT[,IP:PORT...]",
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="Envoy + epp + three simulated model servers, a few requests")
     demo.add_argument("--keep", action="store_true", help="stay up after the requests (Ctrl-C to stop)")
     demo.add_argument("--base-port", type=int, default=18000, help="first of the loopback ports used")
+    demo.add_argument("--layout", choices=("ext-proc", "http-pick"), default="ext-proc",
+                      help="Envoy's bootstrap: deploy/envoy.yaml (ext-proc) or deploy/envoy-http-pick.yaml")
     return p
 
 
@@ -125,6 +129,7 @@ def _options(args: argparse.Namespace):
         grpc_port=args.grpc_port,
         grpc_health_port=args.grpc_health_port,
         metrics_port=args.metrics_port,
+        http_pick_port=args.http_pick_port,
         bind_address=args.bind_address,
         endpoints=args.endpoints,
         pool_file=args.pool_file,
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         from epp.demo import run_demo
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        return run_demo(keep=args.keep, base_port=args.base_port)
+        return run_demo(keep=args.keep, base_port=args.base_port, layout=args.layout)
     level = logging.DEBUG if args.verbosity >= 4 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every scrape at INFO; the scraper reports state changes itself.

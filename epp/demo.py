@@ -43,9 +43,10 @@ def _why(explain: str) -> str:
     return explain.split("; ")[0] if explain else ""
 
 
-def run_demo(keep: bool = False, base_port: int = 18000) -> int:
-    opts = StackOptions(servers=3, epp_args=["--explain-headers", "--seed", "7"], base_port=base_port)
-    print("starting 3 simulated vLLM servers, epp and Envoy on loopback ...", flush=True)
+def run_demo(keep: bool = False, base_port: int = 18000, layout: str = "ext-proc") -> int:
+    opts = StackOptions(servers=3, epp_args=["--explain-headers", "--seed", "7"], base_port=base_port,
+                        layout=layout)
+    print(f"starting 3 simulated vLLM servers, epp and Envoy ({layout} layout) on loopback ...", flush=True)
     with Stack(opts) as stack:
         print(f"gateway: {stack.url}   epp metrics: {stack.metrics_url}\n")
         names = {f"127.0.0.1:{p}": f"pod-{i}" for i, p in enumerate(stack.sim_ports)}

@@ -20,7 +20,10 @@ from typing import Any
 import httpx
 import yaml
 
-BOOTSTRAP = Path(__file__).resolve().parent.parent / "deploy" / "envoy.yaml"
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+BOOTSTRAP = DEPLOY / "envoy.yaml"
+# The layouts: the pick over ext_proc (GIE's protocol), or over HTTP through ext_authz.
+LAYOUTS = {"ext-proc": BOOTSTRAP, "http-pick": DEPLOY / "envoy-http-pick.yaml"}
 
 
 def envoy_binary() -> str:
@@ -48,6 +51,8 @@ class EnvoyOptions:
     admin_port: int
     listen_address: str = "127.0.0.1"
     extproc_address: str = "127.0.0.1"
+    layout: str = "ext-proc"  # or "http-pick": deploy/envoy-http-pick.yaml
+    http_pick_port: int = 0
     request_body_mode: str = "FULL_DUPLEX_STREAMED"
     # True: the shipped layout, a second ext_proc filter in observability_mode watches responses.
     # False: the single-filter layout of GIE's configs; the pick filter processes the response in
@@ -60,13 +65,24 @@ class EnvoyOptions:
     response_headers_to_add: dict[str, str] = field(default_factory=dict)
 
 
-def render(opts: EnvoyOptions, template: Path = BOOTSTRAP) -> dict[str, Any]:
-    cfg = yaml.safe_load(template.read_text())
-    cfg = copy.deepcopy(cfg)
+def render(opts: EnvoyOptions) -> dict[str, Any]:
+    """The layout's bootstrap with this instance's ports and modes."""
+    if opts.layout not in LAYOUTS:
+        raise ValueError(f"unknown Envoy layout {opts.layout!r}; known: {', '.join(LAYOUTS)}")
+    cfg = copy.deepcopy(yaml.safe_load(LAYOUTS[opts.layout].read_text()))
     cfg["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=opts.admin_port)
     listener = cfg["static_resources"]["listeners"][0]
     listener["address"]["socket_address"].update(address=opts.listen_address, port_value=opts.listen_port)
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    _set_ports(cfg, opts)
+    _add_response_headers(hcm, opts)
+    if opts.layout == "http-pick":
+        filters = hcm["http_filters"]
+        authz = next(f for f in filters if f["name"] == "envoy.filters.http.ext_authz")
+        authz["typed_config"]["failure_mode_allow"] = opts.failure_mode_allow
+        if opts.filters_before_ext_proc:
+            filters[filters.index(authz):filters.index(authz)] = opts.filters_before_ext_proc
+        return cfg
     filters = hcm["http_filters"]
     ext = next(f for f in filters if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
     ext["failure_mode_allow"] = opts.failure_mode_allow
@@ -79,17 +95,24 @@ def render(opts: EnvoyOptions, template: Path = BOOTSTRAP) -> dict[str, Any]:
     if opts.filters_before_ext_proc:
         idx = filters.index(next(f for f in filters if f["name"] == "envoy.filters.http.ext_proc"))
         filters[idx:idx] = opts.filters_before_ext_proc
+    return cfg
+
+
+def _add_response_headers(hcm: dict[str, Any], opts: EnvoyOptions) -> None:
     if opts.response_headers_to_add:
         vhost = hcm["route_config"]["virtual_hosts"][0]
         vhost["response_headers_to_add"] = [
             {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
             for k, v in opts.response_headers_to_add.items()
         ]
+
+
+def _set_ports(cfg: dict[str, Any], opts: EnvoyOptions) -> None:
+    ports = {"ext_proc": opts.extproc_port, "epp_http_pick": opts.http_pick_port}
     for cluster in cfg["static_resources"]["clusters"]:
-        if cluster["name"] == "ext_proc":
+        if cluster["name"] in ports:
             sa = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-            sa["socket_address"].update(address=opts.extproc_address, port_value=opts.extproc_port)
-    return cfg
+            sa["socket_address"].update(address=opts.extproc_address, port_value=ports[cluster["name"]])
 
 
 class EnvoyProcess:
@@ -133,11 +156,12 @@ class EnvoyProcess:
                 ready = httpx.get(f"{admin}/ready", timeout=1.0)
                 clusters = httpx.get(f"{admin}/clusters", timeout=1.0).text
                 if ready.status_code == 200 and "ext_proc::" in clusters:
-                    healthy = [ln for ln in clusters.splitlines()
-                               if ln.startswith("ext_proc::") and "::health_flags::healthy" in ln]
-                    if healthy:
+                    names = ("ext_proc", "epp_http_pick") if self.opts.layout == "http-pick" else ("ext_proc",)
+                    healthy = {ln.split("::", 1)[0] for ln in clusters.splitlines()
+                               if ln.endswith("::health_flags::healthy")}
+                    if healthy.issuperset(names):
                         return
-                    last = "ext_proc cluster not healthy yet"
+                    last = f"{', '.join(n for n in names if n not in healthy)} cluster not healthy yet"
             except httpx.HTTPError as e:
                 last = str(e)
             time.sleep(0.05)

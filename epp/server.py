@@ -1,4 +1,4 @@
-"""Assemble and run the EPP: datastore, discovery, scraper, director, gRPC servers, /metrics.
+"""Assemble and run the EPP: datastore, discovery, scraper, director, gRPC servers, HTTP pick, /metrics.
 
 Health (grpc.health.v1) answers SERVING only once the pool is known, for the empty
 service name, the ext_proc service name, "readiness" and "liveness", on the health
@@ -22,8 +22,10 @@ from epp.datastore import Datastore, Endpoint
 from epp.director import Director
 from epp.discovery import manifests
 from epp.discovery.static import static_endpoints
+from epp.exchanges import Exchanges
 from epp.explain import ExplainService
 from epp.extproc.processor import SERVICE, ExternalProcessor
+from epp.http_pick import HttpPick
 from epp.metrics import mappings
 from epp.metrics.epp_metrics import EppMetrics
 from epp.metrics.scraper import MetricsScraper
@@ -40,6 +42,7 @@ class ServeOptions:
     grpc_port: int = 9002
     grpc_health_port: int = 9003
     metrics_port: int = 9090
+    http_pick_port: int = 0  # the CLI's default is 9004; 0: no HTTP pick server
     bind_address: str = "0.0.0.0"
     endpoints: list[str] = field(default_factory=list)
     pool_file: str | None = None
@@ -104,9 +107,12 @@ class EppServer:
         self.datastore.pool_name = opts.pool_name
         self.metrics = EppMetrics(opts.pool_name)
         self.director = Director(self.datastore, self.picker_config, self.metrics)
-        self.processor = ExternalProcessor(
-            self.director, self.metrics, max_body_bytes=opts.max_body_bytes, explain_headers=opts.explain_headers,
-            observer_grace=opts.observer_grace,
+        self.exchanges = Exchanges(self.director, self.metrics, explain_headers=opts.explain_headers,
+                                   observer_grace=opts.observer_grace)
+        self.processor = ExternalProcessor(self.exchanges, max_body_bytes=opts.max_body_bytes)
+        self.http_pick = (
+            HttpPick(self.exchanges, max_body_bytes=opts.max_body_bytes, grace_period=opts.grace_period)
+            if opts.http_pick_port else None
         )
         self.scraper = MetricsScraper(
             self.datastore,
@@ -171,6 +177,8 @@ class EppServer:
         await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
         for s in self._servers:
             await s.start()
+        if self.http_pick is not None:
+            await self.http_pick.start(opts.bind_address, opts.http_pick_port)
         self.scraper.start()
         if self.initial_endpoints or self.pool_file is not None:
             self.datastore.set_endpoints(self.initial_endpoints)
@@ -180,8 +188,8 @@ class EppServer:
         if self.pool_file is not None:
             self._tasks.append(asyncio.create_task(self.pool_file.run()))
         log.info(
-            "epp serving ext_proc on :%d, health on :%d, metrics on :%d; pool %s with %d endpoints",
-            opts.grpc_port, opts.grpc_health_port, opts.metrics_port, opts.pool_name,
+            "epp serving ext_proc on :%d, HTTP pick on :%s, health on :%d, metrics on :%d; pool %s with %d endpoints",
+            opts.grpc_port, opts.http_pick_port or "off", opts.grpc_health_port, opts.metrics_port, opts.pool_name,
             len(self.datastore.all_endpoints()),
         )
 
@@ -196,6 +204,8 @@ class EppServer:
         for name in HEALTH_SERVICES:
             if name != "liveness":
                 await self.health.set(name, status)
+        if self.http_pick is not None:
+            self.http_pick.serving = serving
 
     async def _pool_metrics_loop(self) -> None:
         while True:
@@ -212,7 +222,10 @@ class EppServer:
         self._stopping.set()
         await self._update_health()
         grace = self.opts.grace_period if grace is None else grace
-        await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        stops = [s.stop(grace) for s in self._servers]
+        if self.http_pick is not None:
+            stops.append(self.http_pick.stop())
+        await asyncio.gather(*stops)
         for t in self._tasks:
             t.cancel()
         self.scraper.stop()

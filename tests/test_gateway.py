@@ -1,6 +1,6 @@
-"""Through a real Envoy: client -> Envoy -> epp (ext_proc) -> simulated vLLM servers.
+"""Through a real Envoy: client -> Envoy -> epp (ext_proc, or the HTTP pick) -> simulated vLLM servers.
 
-Each mode runs one stack (processes on loopback) for its module; tests wait on
+Each layout runs one stack (processes on loopback) for its module; tests wait on
 conditions, never on sleeps.
 """
 
@@ -30,16 +30,35 @@ SUBSET_FILTER = {
             "type": "STRING"}}],
     },
 }
+# The HTTP pick reads the hint from a header instead; set it only when the test's header is there.
+SUBSET_HEADER_FILTER = {
+    "name": "envoy.filters.http.header_mutation",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+        "mutations": {"request_mutations": [{"append": {
+            "header": {"key": "x-gateway-destination-endpoint-subset", "value": "%REQ(x-test-subset)%"},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD", "keep_empty_value": False}}]},
+    },
+}
 ECHO = {"x-test-lb-metadata": "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)%"}
+EPP_ARGS = ["--explain-headers", "--seed", "5", "--max-request-body-bytes", "65536",
+            "--refresh-metrics-interval", "20ms"]
+HTTP_PICK = "http-pick"
 
 
 def _stack(layout: str) -> Stack:
-    """`layout`: request body mode, then "observe" (the shipped two-filter layout) or "inline" (GIE's)."""
+    """`layout`: "http-pick", or the ext_proc request body mode, then "observe" (the shipped
+    two-filter layout) or "inline" (GIE's)."""
+    if layout == HTTP_PICK:
+        return Stack(StackOptions(
+            servers=3, epp_args=EPP_ARGS, sim_args=["--time-scale", "0.3"],
+            envoy=EnvoyOptions(0, 0, 0, layout=HTTP_PICK, filters_before_ext_proc=[SUBSET_HEADER_FILTER],
+                               response_headers_to_add=ECHO),
+        ))
     mode, response_path = layout.split("/")
     return Stack(StackOptions(
         servers=3,
-        epp_args=["--explain-headers", "--seed", "5", "--max-request-body-bytes", "65536",
-                  "--refresh-metrics-interval", "20ms"],
+        epp_args=EPP_ARGS,
         sim_args=["--time-scale", "0.3"],
         envoy=EnvoyOptions(0, 0, 0, request_body_mode=mode, response_body_mode=mode,
                            observe_responses=response_path == "observe",
@@ -48,9 +67,10 @@ def _stack(layout: str) -> Stack:
 
 
 @pytest.fixture(scope="module", params=["FULL_DUPLEX_STREAMED/observe", "FULL_DUPLEX_STREAMED/inline",
-                                        "BUFFERED/observe"])
+                                        "BUFFERED/observe", HTTP_PICK])
 def stack(request):
     with _stack(request.param) as s:
+        s.layout = request.param
         yield s
 
 
@@ -71,7 +91,8 @@ def test_request_reaches_the_chosen_pod(client: httpx.Client, stack: Stack) -> N
         chosen = r.headers["x-epp-endpoint"]
         assert chosen in stack.endpoints
         assert f"127.0.0.1:{r.headers['x-simulator-port']}" == chosen  # served by the pod epp picked
-        assert r.headers["x-test-lb-metadata"] == chosen  # and Envoy got it as envoy.lb metadata
+        if stack.layout != HTTP_PICK:  # ext_authz has no envoy.lb metadata to give: the header routes
+            assert r.headers["x-test-lb-metadata"] == chosen  # and Envoy got it as envoy.lb metadata
         assert r.json()["usage"]["completion_tokens"] == 4
 
 
@@ -184,9 +205,19 @@ def test_a_hanging_metrics_endpoint_does_not_stop_the_gateway(client: httpx.Clie
         httpx.post(f"http://127.0.0.1:{hung}/sim/control", json={"metrics_delay": 0})
 
 
-def test_sigterm_lets_inflight_streams_finish() -> None:
+def test_a_client_cannot_ask_for_the_body_rewrite(client: httpx.Client, stack: Stack) -> None:
+    """x-epp-rewrite-body from a client is dropped: the request is picked and counted once, body untouched."""
+    before = _metric(stack, "inference_objective_request_total")
+    r = client.post("/v1/completions", json=completion("forged"), headers={"x-epp-rewrite-body": "1"})
+    assert r.status_code == 200
+    assert r.json()["model"] == MODEL
+    assert _metric(stack, "inference_objective_request_total") - before == 1
+
+
+@pytest.mark.parametrize("layout", ["FULL_DUPLEX_STREAMED/observe", HTTP_PICK])
+def test_sigterm_lets_inflight_streams_finish(layout: str) -> None:
     """Stopping epp: the request in flight completes; afterwards Envoy fails closed (503)."""
-    with _stack("FULL_DUPLEX_STREAMED/observe") as stack, httpx.Client(base_url=stack.url, timeout=30) as client:
+    with _stack(layout) as stack, httpx.Client(base_url=stack.url, timeout=30) as client:
         result: dict = {}
         started = threading.Event()
 

@@ -55,8 +55,9 @@ schedulingProfiles:
 BASE = "meta-llama/Llama-3.1-8B-Instruct"
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["ext-proc", "http-pick"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Both layouts: over HTTP, a rewritten body reaches the server through the layout's ext_proc filter."""
     pool = tmp_path_factory.mktemp("pool") / "pool.yaml"
     pool.write_text(POOL_FILE)
     with Stack(StackOptions(
@@ -65,6 +66,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
                   "--refresh-metrics-interval", "20ms"],
         sim_args=["--max-num-seqs", "1", "--max-lora", "2",
                   "--lora", "food-review-v1", "--lora", "food-review-v2"],
+        layout=request.param,
     )) as s:
         yield s
 

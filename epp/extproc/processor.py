@@ -6,6 +6,9 @@ message; the pick rides on the body response. In FULL_DUPLEX_STREAMED mode the
 body arrives in chunks while the headers wait unanswered; once the body is
 complete the pick rides on the headers response and the EPP sends the body back
 itself. Errors end the HTTP request with an ImmediateResponse, never the stream.
+In the HTTP pick layout (`epp.http_pick`) a stream whose headers carry
+`x-epp-rewrite-body` and a pick's `x-epp-request-id` only swaps in that pick's
+rewritten body, or answers with the 5xx error that pick ended in.
 
 Response phase, watched for status, time to first byte and `usage`, in one of two
 layouts. Inline: the same stream carries response headers, body chunks (echoed
@@ -15,28 +18,24 @@ filter in `observability_mode` opens its own stream, which Envoy feeds without
 waiting for answers; it names the exchange by the `x-epp-request-id` header the
 pick set. Either way the request counts as finished exactly once: when the
 response ends, when its stream ends early (client gone, upstream reset), or, for
-a pick no stream watches, `observer_grace` seconds after the pick stream closed.
+a pick no stream watches, `observer_grace` seconds after the pick stream closed
+(the bookkeeping is `epp.exchanges`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from epp import errors
-from epp.director import Decision, Director
+from epp.exchanges import EXCHANGE_HEADER, REWRITE_HEADER, Exchange, Exchanges
 from epp.extproc import responses as R
-from epp.metrics.epp_metrics import EppMetrics
-from epp.requests import INFERENCE_KINDS, InferenceRequest, new_request, parse_body, rewrite_model
+from epp.requests import InferenceRequest, new_request
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +49,6 @@ def _body_modes() -> tuple[int, int]:
 
 
 MODE_BUFFERED, MODE_FULL_DUPLEX = _body_modes()
-MAX_USAGE_BUFFER = 1 << 20  # a non-streamed response is kept (up to this) to read its usage
-EXCHANGE_HEADER = "x-epp-request-id"  # names the exchange to the observer stream
-EXPLAIN_ENDPOINT_HEADER = "x-epp-endpoint"
-EXPLAIN_HEADER = "x-epp-explain"
 
 
 def _serialize(msg: bytes | pb.ProcessingResponse) -> bytes:
@@ -81,95 +76,13 @@ def _subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
     return None
 
 
-class _Usage:
-    """Token counts and timing observed in the response phase."""
-
-    __slots__ = ("buffer", "completion_tokens", "first_byte_at", "prompt_tokens", "size", "status", "streaming")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.size = 0
-        self.first_byte_at = 0.0
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-        self.streaming = False
-        self.buffer: bytearray | None = None
-
-    def observe(self, chunk: bytes) -> None:
-        if not chunk:
-            return
-        if not self.first_byte_at:
-            self.first_byte_at = time.monotonic()
-        self.size += len(chunk)
-        if self.streaming:
-            if b'"usage"' in chunk:
-                for line in chunk.split(b"\n"):
-                    if line.startswith(b"data: {") and b'"usage"' in line:
-                        self._take(line[6:])
-        else:
-            if self.buffer is None:
-                self.buffer = bytearray()
-            if len(self.buffer) + len(chunk) <= MAX_USAGE_BUFFER:
-                self.buffer += chunk
-
-    def finish(self) -> None:
-        if self.buffer and not self.streaming:
-            self._take(bytes(self.buffer))
-        self.buffer = None
-
-    def _take(self, raw: bytes) -> None:
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return
-        usage = data.get("usage") if isinstance(data, dict) else None
-        if isinstance(usage, dict):
-            pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if isinstance(pt, int):
-                self.prompt_tokens = pt
-            if isinstance(ct, int):
-                self.completion_tokens = ct
-
-
-class _Exchange:
-    """One routed request, from its pick to the end of its response; finished exactly once."""
-
-    __slots__ = ("decision", "done", "key", "observed", "received_at", "req", "response_seen", "usage")
-
-    def __init__(self, key: str, req: InferenceRequest, decision: Decision, received_at: float) -> None:
-        self.key = key
-        self.req = req
-        self.decision = decision
-        self.received_at = received_at
-        self.usage = _Usage()
-        self.done = False
-        self.observed = False  # an observer stream watches the response
-        self.response_seen = False  # the pick stream itself saw the response begin
-
-
 class ExternalProcessor:
     """Serves envoy.service.ext_proc.v3.ExternalProcessor/Process."""
 
-    def __init__(
-        self,
-        director: Director,
-        metrics: EppMetrics | None = None,
-        *,
-        max_body_bytes: int = 16 << 20,
-        explain_headers: bool = False,
-        observer_grace: float = 2.0,
-    ) -> None:
-        self.director = director
-        self.metrics = metrics
+    def __init__(self, exchanges: Exchanges, *, max_body_bytes: int = 16 << 20) -> None:
+        self.exchanges = exchanges
         self.max_body_bytes = max_body_bytes
-        self.explain_headers = explain_headers
-        self.observer_grace = observer_grace
         self.active_streams = 0
-        # Exchanges whose response is (or may yet be) watched by an observer stream. The key's
-        # random prefix keeps another replica's observer from claiming this replica's exchanges.
-        self.exchanges: dict[str, _Exchange] = {}
-        self._key_prefix = secrets.token_hex(4)
-        self._key_seq = itertools.count()
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(
@@ -182,8 +95,10 @@ class ExternalProcessor:
     async def process(
         self, requests: AsyncIterator[pb.ProcessingRequest], context: Any
     ) -> AsyncIterator[bytes | pb.ProcessingResponse]:
+        xs = self.exchanges
         req: InferenceRequest | None = None
-        ex: _Exchange | None = None
+        ex: Exchange | None = None
+        picked_ex: Exchange | None = None  # a rewrite-only stream's exchange, picked over HTTP
         body = bytearray()
         body_mode = MODE_BUFFERED
         response_mode = MODE_BUFFERED
@@ -203,16 +118,25 @@ class ExternalProcessor:
                     subset = _subset_hint(msg)
                     headers = _headers(msg.request_headers)
                     req = new_request(headers.get(":path", "/"), headers)
+                    if REWRITE_HEADER in headers:
+                        # The HTTP pick layout: picked already, this stream only carries the new body,
+                        # or the 5xx error the pick ended with.
+                        deferred = xs.take_deferred_error(headers.get(EXCHANGE_HEADER))
+                        if deferred is not None:
+                            yield R.immediate(deferred)
+                            return
+                        picked = xs.get(headers.get(EXCHANGE_HEADER))
+                        if picked is not None and picked.new_body is not None:
+                            req, picked_ex = picked.req, picked
                     if msg.request_headers.end_of_stream:
                         # No body (GET /v1/models, ...): route now.
                         try:
-                            decision = self._decide(req, subset)
+                            ex = xs.pick_without_body(req, subset, received_at)
                         except errors.EppError as e:
                             yield self._fail(req, e)
                             return
-                        ex = self._open(req, decision, received_at)
-                        yield R.route_on_headers(decision.endpoint.hostport, decision.targets, None,
-                                                 self._pick_headers(ex))
+                        yield R.route_on_headers(ex.decision.endpoint.hostport, ex.decision.targets, None,
+                                                 xs.pick_headers(ex))
                     elif body_mode != MODE_FULL_DUPLEX:
                         yield R.CONTINUE_REQUEST_HEADERS
                 elif kind == "request_body":
@@ -234,6 +158,11 @@ class ExternalProcessor:
                         if body_mode not in (MODE_BUFFERED, MODE_FULL_DUPLEX):
                             yield R.CONTINUE_REQUEST_BODY
                         continue
+                    if picked_ex is not None:
+                        for r in self._rewrite_body(picked_ex, body_mode):
+                            yield r
+                        req = picked_ex = None
+                        continue
                     try:
                         ex, out = self._route_body(req, bytes(body), subset, body_mode, received_at)
                     except errors.EppError as e:
@@ -243,7 +172,11 @@ class ExternalProcessor:
                     for r in out:
                         yield r
                 elif kind == "request_trailers":
-                    if req is not None and ex is None and body_mode == MODE_FULL_DUPLEX:
+                    if picked_ex is not None and body_mode == MODE_FULL_DUPLEX:
+                        for r in self._rewrite_body(picked_ex, body_mode):
+                            yield r
+                        req = picked_ex = None
+                    elif req is not None and ex is None and body_mode == MODE_FULL_DUPLEX:
                         # The body ended with trailers rather than an end-of-stream chunk.
                         try:
                             ex, out = self._route_body(req, bytes(body), subset, body_mode, received_at)
@@ -263,7 +196,7 @@ class ExternalProcessor:
                     eos = msg.response_body.end_of_stream
                     if ex is not None:
                         ex.response_seen = True
-                        self._response_body(ex, chunk, eos)
+                        xs.response_body(ex, chunk, eos)
                     if response_mode == MODE_FULL_DUPLEX:
                         for r in R.streamed_body(chunk, request=False, end_of_stream=eos):
                             yield r
@@ -273,145 +206,74 @@ class ExternalProcessor:
                     yield R.CONTINUE_RESPONSE_TRAILERS
                     if ex is not None:
                         ex.response_seen = True
-                        self._finish(ex)
+                        xs.finish(ex)
         finally:
             self.active_streams -= 1
             if ex is not None and not ex.done and not ex.observed:
                 if ex.response_seen:
                     # The stream ended before the response did (client gone, upstream reset).
-                    self._finish(ex)
+                    xs.finish(ex)
                 else:
                     # The proxy watches responses elsewhere (or not at all): wait for an observer.
-                    asyncio.get_running_loop().call_later(self.observer_grace, self._expire, ex)
-
-    # --- request phase -------------------------------------------------------
-    def _decide(self, req: InferenceRequest, subset: list[str] | None) -> Decision:
-        try:
-            return self.director.decide(req, subset)
-        except errors.EppError:
-            raise
-        except Exception as e:  # a bug: the client gets a 500, the server and other streams go on
-            log.exception("scheduling failed for %s %s", req.kind, req.path)
-            raise errors.EppError(errors.INTERNAL, f"internal error while scheduling: {type(e).__name__}") from e
-
-    def _open(self, req: InferenceRequest, decision: Decision, received_at: float) -> _Exchange:
-        key = f"{self._key_prefix}-{next(self._key_seq)}"
-        ex = _Exchange(key, req, decision, received_at)
-        self.exchanges[key] = ex
-        return ex
-
-    def _pick_headers(self, ex: _Exchange) -> dict[str, str]:
-        """Request headers set with the pick: the exchange's name, and the why when asked for."""
-        if not self.explain_headers:
-            return {EXCHANGE_HEADER: ex.key}
-        return {
-            EXCHANGE_HEADER: ex.key,
-            EXPLAIN_ENDPOINT_HEADER: ex.decision.endpoint.hostport,
-            EXPLAIN_HEADER: self.director.explain(ex.decision),
-        }
+                    xs.release_later(ex)
 
     def _route_body(
         self, req: InferenceRequest, body: bytes, subset: list[str] | None, body_mode: int, received_at: float
-    ) -> tuple[_Exchange, list[bytes | pb.ProcessingResponse]]:
-        parse_body(req, body)
-        decision = self._decide(req, subset)
-        new_body = rewrite_model(req)
-        m = self.metrics
-        if m is not None and req.kind in INFERENCE_KINDS:
-            m.request_total.labels(req.model, req.target_model, str(req.priority)).inc()
-            m.request_sizes.labels(req.model, req.target_model).observe(len(body))
-            m.running_requests.labels(req.model).inc()
-        ex = self._open(req, decision, received_at)
-        ep = decision.endpoint.hostport
-        extra = self._pick_headers(ex)
+    ) -> tuple[Exchange, list[bytes | pb.ProcessingResponse]]:
+        ex, new_body = self.exchanges.pick(req, body, subset, received_at)
+        d = ex.decision
+        extra = self.exchanges.pick_headers(ex)
         if body_mode == MODE_FULL_DUPLEX:
             out: list[bytes | pb.ProcessingResponse] = [
-                R.route_on_headers(ep, decision.targets, len(new_body), extra)
+                R.route_on_headers(d.endpoint.hostport, d.targets, len(new_body), extra)
             ]
             out.extend(R.streamed_body(new_body, request=True, end_of_stream=True))
             return ex, out
-        return ex, [R.route_on_body(ep, decision.targets, new_body if new_body is not body else None, extra)]
+        return ex, [R.route_on_body(d.endpoint.hostport, d.targets, new_body if new_body is not body else None, extra)]
+
+    def _rewrite_body(self, ex: Exchange, body_mode: int) -> list[bytes | pb.ProcessingResponse]:
+        """The body a pick made over HTTP rewrote, sent in place of the client's; the pick is repeated."""
+        new_body, ex.new_body = ex.new_body or b"", None
+        d = ex.decision
+        if body_mode == MODE_FULL_DUPLEX:
+            out: list[bytes | pb.ProcessingResponse] = [
+                R.route_on_headers(d.endpoint.hostport, d.targets, len(new_body))
+            ]
+            out.extend(R.streamed_body(new_body, request=True, end_of_stream=True))
+            return out
+        return [R.route_on_body(d.endpoint.hostport, d.targets, new_body)]
 
     def _fail(self, req: InferenceRequest | None, e: errors.EppError) -> pb.ProcessingResponse:
-        if e.http_status >= 500:
-            log.warning("request %s failed: %s", req.path if req else "?", e.message)
-        else:
-            log.debug("request %s rejected: %s", req.path if req else "?", e.message)
-        if self.metrics is not None and req is not None:
-            self.metrics.request_error_total.labels(req.model, req.target_model or req.model, e.code).inc()
+        self.exchanges.failed(req, e)
         return R.immediate(e)
 
     # --- response phase ------------------------------------------------------
     async def _observe(self, first: pb.ProcessingRequest, requests: AsyncIterator[pb.ProcessingRequest]) -> None:
         """An observer stream: Envoy sends without waiting, so nothing is answered."""
+        xs = self.exchanges
         key = _headers(first.request_headers).get(EXCHANGE_HEADER) if first.HasField("request_headers") else None
-        ex = self.exchanges.get(key) if key else None
-        if ex is None or ex.done or ex.observed:
+        ex = xs.claim(key)
+        if ex is None:
             # Another replica's pick, one already released, or no pick at all: ending the stream
             # tells Envoy to send nothing more.
             log.debug("observer stream for unknown exchange %r", key)
             return
-        ex.observed = True
         try:
             async for msg in requests:
                 kind = msg.WhichOneof("request")
                 if kind == "response_headers":
                     self._response_headers(ex, msg.response_headers)
                 elif kind == "response_body":
-                    self._response_body(ex, msg.response_body.body, msg.response_body.end_of_stream)
+                    xs.response_body(ex, msg.response_body.body, msg.response_body.end_of_stream)
                 elif kind == "response_trailers":
-                    self._finish(ex)
+                    xs.finish(ex)
                 if ex.done:
                     return
         finally:
             if not ex.done:
-                self._finish(ex)  # the stream ended before the response did
+                xs.finish(ex)  # the stream ended before the response did
 
-    def _response_headers(self, ex: _Exchange, hm: pb.HttpHeaders) -> None:
+    def _response_headers(self, ex: Exchange, hm: pb.HttpHeaders) -> None:
         headers = _headers(hm)
-        status = headers.get(":status", "")
-        ex.usage.status = int(status) if status.isdigit() else 0
-        ex.usage.streaming = headers.get("content-type", "").startswith("text/event-stream")
-        if hm.end_of_stream:
-            self._finish(ex)
-
-    def _response_body(self, ex: _Exchange, chunk: bytes, eos: bool) -> None:
-        usage = ex.usage
-        if chunk and not usage.first_byte_at:
-            self.director.started(ex.req, ex.decision)
-        usage.observe(chunk)
-        if eos:
-            self._finish(ex)
-
-    def _expire(self, ex: _Exchange) -> None:
-        """No observer claimed this exchange after its pick stream closed: release it now."""
-        if not ex.done and not ex.observed:
-            self._finish(ex)
-
-    def _finish(self, ex: _Exchange) -> None:
-        if ex.done:
-            return
-        ex.done = True
-        self.exchanges.pop(ex.key, None)
-        req, usage = ex.req, ex.usage
-        self.director.finish(req, ex.decision)
-        m = self.metrics
-        if m is None or req.kind not in INFERENCE_KINDS or req.parsed is None:
-            return  # only parsed inference requests were counted in _route_body
-        model, target = req.model, req.target_model
-        m.running_requests.labels(model).dec()
-        if not usage.status:
-            return  # ended before any response: nothing more to record
-        usage.finish()
-        if usage.status >= 400:
-            m.request_error_total.labels(model, target, errors.MODEL_SERVER_ERROR).inc()
-            return
-        now = time.monotonic()
-        m.request_duration.labels(model, target).observe(now - ex.received_at)
-        if usage.first_byte_at:
-            m.request_ttft.labels(model, target).observe(usage.first_byte_at - ex.received_at)
-        m.response_sizes.labels(model, target).observe(usage.size)
-        if usage.prompt_tokens is not None:
-            m.input_tokens.labels(model, target).observe(usage.prompt_tokens)
-        if usage.completion_tokens is not None:
-            m.output_tokens.labels(model, target).observe(usage.completion_tokens)
+        self.exchanges.response_headers(ex, headers.get(":status", ""), headers.get("content-type", ""),
+                                        hm.end_of_stream)

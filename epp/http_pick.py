@@ -1,0 +1,111 @@
+"""The pick over plain HTTP, for Envoy's ext_authz filter (`http_service`): the low-latency layout.
+
+Envoy buffers the request body and sends it, with the few headers epp reads, as one
+HTTP/1.1 request on a kept-alive connection. epp answers 200 with the pick in response
+headers (x-gateway-destination-endpoint, x-epp-request-id), which ext_authz copies onto the
+upstream request, or with an OpenAI-style error that Envoy returns to the client as is.
+One request and one answer, handled on epp's event loop, cost a fraction of an ext_proc
+gRPC stream, whose every message crosses grpc's threads (see README, "Envoy layouts").
+
+ext_authz cannot change the body, and turns any 5xx of its server into its own bodiless
+status. When the pool rewrites the model, or epp's answer is a 5xx error, the answer is
+200 with `x-epp-rewrite-body`; the layout's ext_proc filter runs only for such requests,
+and epp sends the new body, or the error, there (`ExternalProcessor`). The response is
+watched by the same observer filter as in the ext_proc layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from epp import errors
+from epp.exchanges import EXCHANGE_HEADER, REWRITE_HEADER, Exchanges
+from epp.extproc.responses import DESTINATION_HEADER, SUBSET_KEY
+from epp.requests import new_request
+
+log = logging.getLogger(__name__)
+
+PATH_PREFIX = "/pick"  # ext_authz's path_prefix: /pick/v1/completions asks about /v1/completions
+HEALTH_PATH = "/healthz"
+_JSON = {"content-type": "application/json"}
+
+
+def _subset(headers: Mapping[str, str]) -> list[str] | None:
+    hint = headers.get(SUBSET_KEY)
+    if hint is None:
+        return None
+    return [s.strip() for s in hint.split(",") if s.strip()]
+
+
+class HttpPick:
+    """An aiohttp server answering ext_authz checks with epp's pick."""
+
+    def __init__(self, exchanges: Exchanges, *, max_body_bytes: int = 16 << 20, grace_period: float = 30.0) -> None:
+        self.exchanges = exchanges
+        self.max_body_bytes = max_body_bytes
+        self.grace_period = grace_period  # on stop, requests in flight get this long to be answered
+        self.serving = False  # /healthz: the pool is known and epp is not stopping
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        # aiohttp's own limit refuses bigger bodies before they are read in full; one byte more
+        # than ours so that epp, not aiohttp, words the error.
+        app = web.Application(client_max_size=self.max_body_bytes + 1)
+        app.router.add_get(HEALTH_PATH, self.health)
+        app.router.add_route("*", PATH_PREFIX + "{path:.*}", self.pick)
+        return app
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                                     shutdown_timeout=self.grace_period)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.serving else 503)
+
+    async def pick(self, request: web.Request) -> web.Response:
+        received_at = time.monotonic()
+        xs = self.exchanges
+        headers = request.headers
+        req = new_request(request.raw_path[len(PATH_PREFIX):] or "/", headers)  # type: ignore[arg-type]
+        try:
+            if request.content_length and request.content_length > self.max_body_bytes:
+                raise errors.bad_request(f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                                         reason="request_too_large")
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise errors.bad_request(f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                                         reason="request_too_large") from None
+            subset = _subset(headers)
+            if body:
+                ex, new_body = xs.pick(req, body, subset, received_at)
+            else:  # GET /v1/models and the like, routed unread as over ext_proc
+                ex, new_body = xs.pick_without_body(req, subset, received_at), body
+        except errors.EppError as e:
+            xs.failed(req, e)
+            if e.http_status >= 500:
+                # ext_authz would answer a 5xx with its own bodiless status_on_error: the layout's
+                # ext_proc filter sends this error instead.
+                return web.Response(status=200, headers={EXCHANGE_HEADER: xs.defer_error(e), REWRITE_HEADER: "1"})
+            return web.Response(status=e.http_status, body=e.body(), headers=_JSON)
+        out = xs.pick_headers(ex)
+        out[DESTINATION_HEADER] = ex.decision.endpoint.hostport
+        if new_body is not body:
+            ex.new_body = new_body
+            out[REWRITE_HEADER] = "1"
+        # Nothing more reaches this transport: the observer filter claims the exchange, or it expires.
+        xs.release_later(ex)
+        return web.Response(status=200, headers=out)
+
+
+__all__ = ["EXCHANGE_HEADER", "HEALTH_PATH", "PATH_PREFIX", "REWRITE_HEADER", "HttpPick"]
