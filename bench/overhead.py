@@ -3,13 +3,14 @@
 All gateways run side by side in one run, from the same bootstrap, against one epp and
 one server: epp in the shipped layout (a pick filter, and an observability-mode filter
 that watches the response), epp in GIE's single-filter layout (the pick filter also
-processes the response, in --mode), and the direct one, with the ext_proc filters
+processes the response, in --mode), epp in the HTTP pick layout (the pick over ext_authz,
+deploy/envoy-http-pick.yaml), and the direct one, with the ext_proc filters
 removed and the pod named by the client in x-gateway-destination-endpoint. Requests
 rotate between them, so machine noise hits all alike. Prints p50/p99 of each and the
 difference to direct (the added latency).
 
     python -m bench.overhead [--requests 2000] [--mode FULL_DUPLEX_STREAMED|BUFFERED]
-    python -m bench.overhead --rates 50,100,200,400,800 [--seconds 10] [--rounds 1] [--inline]
+    python -m bench.overhead --rates 50,100,200,400,800 [--seconds 10] [--rounds 1] [--inline | --http-pick]
 
 With --rates, each rate is an open-loop Poisson load on one layout (the shipped one, or
 with --inline GIE's): every arrival sends one request through it and through the direct
@@ -120,25 +121,28 @@ async def _sweep(
 
 
 @contextlib.contextmanager
-def gateways(mode: str) -> Iterator[tuple[Stack, EnvoyProcess, DirectEnvoy]]:
+def gateways(mode: str) -> Iterator[tuple[Stack, EnvoyProcess, EnvoyProcess, DirectEnvoy]]:
     """Envoy + epp + one instant server in the shipped layout; beside it, Envoys in GIE's single-filter
-    layout (same epp) and routing directly to that server."""
+    layout and in the HTTP pick layout (same epp), and one routing directly to that server."""
     opts = StackOptions(servers=1, request_body_mode=mode, response_body_mode=mode,
                         sim_args=["--time-scale", "0"], epp_args=["--seed", "1"])
     with Stack(opts) as stack:
-        listen, admin, listen2, admin2 = free_ports(4)
+        listen, admin, listen2, admin2, listen3, admin3 = free_ports(6)
         direct = DirectEnvoy(EnvoyOptions(listen, 0, admin))
         inline = EnvoyProcess(EnvoyOptions(listen2, stack.grpc_port, admin2, request_body_mode=mode,
                                            response_body_mode=mode, observe_responses=False))
-        direct.start()
-        inline.start()
+        http_pick = EnvoyProcess(EnvoyOptions(listen3, stack.grpc_port, admin3, layout="http-pick",
+                                              http_pick_port=stack.http_pick_port))
+        envoys = (direct, inline, http_pick)
+        for e in envoys:
+            e.start()
         try:
-            direct.wait_ready()
-            inline.wait_ready()
-            yield stack, inline, direct
+            for e in envoys:
+                e.wait_ready()
+            yield stack, inline, http_pick, direct
         finally:
-            direct.stop()
-            inline.stop()
+            for e in envoys:
+                e.stop()
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -153,8 +157,8 @@ def rate_sweep(args: argparse.Namespace) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.epp_cpu is not None:  # the client, Envoys and server (children inherit this) stay off epp's CPU
         os.sched_setaffinity(0, os.sched_getaffinity(0) - {args.epp_cpu})
-    with gateways(args.mode) as (stack, inline, direct):
-        epp_url = inline.url if args.inline else stack.url
+    with gateways(args.mode) as (stack, inline, http_pick, direct):
+        epp_url = inline.url if args.inline else http_pick.url if args.http_pick else stack.url
         if args.epp_cpu is not None:
             pin(stack.epp_proc.pid, {args.epp_cpu})
             print(f"epp pinned to CPU {args.epp_cpu}; client, Envoys and server share the other "
@@ -164,7 +168,8 @@ def rate_sweep(args: argparse.Namespace) -> None:
                   for _ in range(args.rounds)]
     rows = [r for rnd in rounds for r in rnd]
     ms = 1000.0
-    layout = "GIE single-filter layout" if args.inline else "shipped layout (response observed)"
+    layout = ("GIE single-filter layout" if args.inline else "HTTP pick layout" if args.http_pick
+              else "shipped layout (response observed)")
     print(f"mode={args.mode}, {layout}, prompt {args.prompt_chars} chars; open-loop Poisson, "
           f"{args.seconds:g}s per rate, each arrival sent through both gateways")
     print(f"{'rate/s':>7}{'achieved':>9}{'err':>5}{'direct p50':>11}{'epp p50':>9}{'added p50':>10}"
@@ -193,6 +198,8 @@ def main() -> None:
     ap.add_argument("--mode", default="FULL_DUPLEX_STREAMED", help="request/response body mode for epp's Envoy")
     ap.add_argument("--inline", action="store_true",
                     help="sweep GIE's single-filter layout instead of the shipped one")
+    ap.add_argument("--http-pick", action="store_true",
+                    help="sweep the HTTP pick layout (deploy/envoy-http-pick.yaml) instead of the shipped one")
     ap.add_argument("--rates", default="", help="comma-separated request rates: open-loop sweep instead")
     ap.add_argument("--seconds", type=float, default=10.0, help="seconds per rate in the sweep")
     ap.add_argument("--rounds", type=int, default=1,
@@ -206,13 +213,14 @@ def main() -> None:
         rate_sweep(args)
         return
 
-    with gateways(args.mode) as (stack, inline, direct):
+    with gateways(args.mode) as (stack, inline, http_pick, direct):
         pod = stack.endpoints[0]
         body = request_body(args.prompt_chars)
         fronts = {  # name: (url, headers)
             "Envoy direct": (direct.url, {"x-gateway-destination-endpoint": pod}),
             "Envoy + epp": (stack.url, {}),
             "Envoy + epp, inline": (inline.url, {}),
+            "Envoy + epp, HTTP pick": (http_pick.url, {}),
         }
         times: dict[str, list[float]] = {name: [] for name in fronts}
         clients = {name: httpx.Client(base_url=url, headers=h, timeout=10) for name, (url, h) in fronts.items()}
@@ -234,18 +242,20 @@ def main() -> None:
           "one connection each, in turn")
     print("  Envoy + epp: the shipped layout, an observability-mode filter watches the response")
     print("  Envoy + epp, inline: GIE's single filter, epp processes the response in --mode")
-    print(f"{'':26}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+    print("  Envoy + epp, HTTP pick: deploy/envoy-http-pick.yaml, the pick over ext_authz")
+    print(f"{'':30}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
     for name, xs in times.items():
-        print(f"{name:26}{pct(xs, 50) * ms:10.3f}{pct(xs, 90) * ms:10.3f}{pct(xs, 99) * ms:10.3f}"
+        print(f"{name:30}{pct(xs, 50) * ms:10.3f}{pct(xs, 90) * ms:10.3f}{pct(xs, 99) * ms:10.3f}"
               f"{statistics.mean(xs) * ms:10.3f}")
     straight = times["Envoy direct"]
-    for name in ("Envoy + epp", "Envoy + epp, inline"):
+    for name in ("Envoy + epp", "Envoy + epp, inline", "Envoy + epp, HTTP pick"):
         xs = times[name]
-        print(f"{'added: ' + name:26}{(pct(xs, 50) - pct(straight, 50)) * ms:10.3f}"
+        print(f"{'added: ' + name:30}{(pct(xs, 50) - pct(straight, 50)) * ms:10.3f}"
               f"{(pct(xs, 90) - pct(straight, 90)) * ms:10.3f}{(pct(xs, 99) - pct(straight, 99)) * ms:10.3f}"
               f"{(statistics.mean(xs) - statistics.mean(straight)) * ms:10.3f}")
     print(f"ratio p50 (epp / direct): {pct(times['Envoy + epp'], 50) / pct(straight, 50):.2f}x shipped, "
-          f"{pct(times['Envoy + epp, inline'], 50) / pct(straight, 50):.2f}x inline")
+          f"{pct(times['Envoy + epp, inline'], 50) / pct(straight, 50):.2f}x inline, "
+          f"{pct(times['Envoy + epp, HTTP pick'], 50) / pct(straight, 50):.2f}x HTTP pick")
 
 
 if __name__ == "__main__":

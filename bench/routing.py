@@ -15,6 +15,11 @@ Routers (each gets a fresh pool of simulators, cold caches, and the identical re
                 prefix cache, queue and adapters, no scrape delay), and Envoy routes to that pod: the
                 upper bound of what routing can do here
 
+Besides the client's TTFT, the table gives each request's TTFT inside its server (submit to
+first token, read from the engine) and "path": the mean client TTFT minus the mean in-server
+TTFT, what the gateway, the pick and the client's own loop add. Routing quality shows in the
+first; the hop shows in the second.
+
 With --repeat N, each workload is run N times over all routers in turn (router A, B, C,
 then A, B, C again), so slow drifts of the machine hit every router alike; the table then
 shows each metric's median over the rounds, and every round's p90 TTFT beside it.
@@ -32,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -45,7 +51,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-from bench import workloads
+from bench import envoy_phases, workloads
 from bench.gateways import DirectEnvoy, PoolEnvoy
 from bench.simulator.engine import CHARS_PER_TOKEN, EngineConfig, prompt_blocks
 from bench.simulator.server import SimulatedServer, _prompt_text
@@ -97,6 +103,10 @@ class RunResult:
     per_pod: dict[str, int] = field(default_factory=dict)
     note: str = ""
     round: int = 0  # with --repeat, which pass over the routers this run was
+    # Each request's TTFT inside its server (submit to first token), ms: routing quality alone.
+    server_ttft: list[float] = field(default_factory=list)
+    # With --envoy-phases, where the time went inside Envoy (see bench/envoy_phases.py), ms.
+    envoy_phases: dict[str, float] = field(default_factory=dict)
 
 
 # --- routers -------------------------------------------------------------------
@@ -105,6 +115,13 @@ class Router:
 
     url = ""
     needs_pick = False
+    phase_log = ""  # where its Envoy, if any, writes bench/envoy_phases' access log
+
+    def envoy_options(self, listen: int, extproc: int, admin: int, **kw: Any) -> EnvoyOptions:
+        """Options for this router's Envoy, with the phase log when one is asked for."""
+        if self.phase_log:
+            kw.update(access_log_path=self.phase_log, access_log_format=envoy_phases.FORMAT)
+        return EnvoyOptions(listen, extproc, admin, **kw)
 
     def start(self) -> None: ...
 
@@ -137,8 +154,8 @@ class EppRouter(Router):
         wait_until(lambda: proc.poll() is not None or grpc_serving(health_port), 30, "epp")
         if proc.poll() is not None:
             raise RuntimeError(f"epp exited: {(self.logdir / 'epp.log').read_text()[-3000:]}")
-        self.envoy = EnvoyProcess(EnvoyOptions(listen, grpc_port, admin, layout=self.layout,
-                                               http_pick_port=pick_port)).start()
+        self.envoy = EnvoyProcess(self.envoy_options(listen, grpc_port, admin, layout=self.layout,
+                                                     http_pick_port=pick_port)).start()
         self.envoy.wait_ready()
         self.url = self.envoy.url
 
@@ -160,7 +177,7 @@ class _EnvoyOnlyRouter(Router, ABC):
 
     def start(self) -> None:
         listen, admin = free_ports(2)
-        self.envoy = self.make_envoy(EnvoyOptions(listen, 0, admin))
+        self.envoy = self.make_envoy(self.envoy_options(listen, 0, admin))
         self.envoy.start()
         self.envoy.wait_ready()
         self.url = self.envoy.url
@@ -230,7 +247,7 @@ class PeerRouter(Router):
         if self.behind_envoy:
             # As a user behind a gateway runs it: the gateway's Envoy forwards everything to the router.
             listen, admin = free_ports(2)
-            self.envoy = PoolEnvoy(EnvoyOptions(listen, 0, admin), [("127.0.0.1", port)], "ROUND_ROBIN")
+            self.envoy = PoolEnvoy(self.envoy_options(listen, 0, admin), [("127.0.0.1", port)], "ROUND_ROBIN")
             self.envoy.start()
             self.envoy.wait_ready()
             self.url = self.envoy.url
@@ -345,6 +362,9 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
     else:
         raise ValueError(f"unknown router {router_name!r}")
     result = RunResult(workload.name, router_name)
+    phase_log = logdir / f"envoy-phases-{workload.name}-{router_name}-{time.monotonic_ns()}.log"
+    if getattr(args, "envoy_phases", False):
+        router.phase_log = str(phase_log)
     try:
         await asyncio.to_thread(router.start)
         await asyncio.sleep(0.5)  # let epp scrape the pool once
@@ -368,6 +388,9 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
         hits = sum(s.engine.prefix_hits for s in servers)
         result.prefix_hit_rate = hits / queries if queries else 0.0
         result.per_pod = {s.name: s.served for s in servers}
+        result.server_ttft = [round(t * 1e3, 3) for s in servers for t in s.engine.server_ttfts]
+        if router.phase_log and phase_log.exists():  # Envoy has exited, so the log is flushed
+            result.envoy_phases = envoy_phases.summarize(phase_log)
         for s in servers:
             await s.stop()
     return result
@@ -392,11 +415,16 @@ def summary(r: RunResult) -> dict[str, Any]:
         "shed": sum(1 for s in r.samples if s.status == 429),
         "errors": sum(1 for s in r.samples if s.status not in (200, 429)),
         "ttft_p50": pct(ttft, 50), "ttft_p90": pct(ttft, 90), "ttft_p99": pct(ttft, 99),
+        "server_ttft_p50": pct(r.server_ttft, 50), "server_ttft_p90": pct(r.server_ttft, 90),
+        # What the way to and from the server adds to TTFT (gateway, pick, client), on average.
+        "path_ms": (statistics.fmean(ttft) - statistics.fmean(r.server_ttft)) if ttft and r.server_ttft
+        else float("nan"),
         "itl_p50": pct(itl, 50), "itl_p90": pct(itl, 90),
         "e2e_p50": pct(e2e, 50), "e2e_p90": pct(e2e, 90), "e2e_p99": pct(e2e, 99),
         "throughput_tok_s": tokens / r.duration if r.duration else 0.0,
         "prefix_hit_rate": r.prefix_hit_rate, "per_pod": r.per_pod,
         "ttft_p90_high_priority": pct([s.ttft * 1e3 for s in ok if not s.tag], 90),
+        **{f"envoy_{k}": v for k, v in r.envoy_phases.items()},
     }
 
 
@@ -424,23 +452,42 @@ def markdown(rows: list[dict[str, Any]], wl: dict[str, workloads.Workload]) -> s
     extra = " p90 TTFT per round |" if rounds > 1 else ""
     for name in dict.fromkeys(r["workload"] for r in rows):
         out.append(f"### {name}\n\n{wl[name].description}\n")
-        out.append("| router | ok | shed | err | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p90 | E2E p50 "
-                   "| E2E p90 | tokens/s | prefix-cache hit |" + extra)
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rounds > 1 else ""))
+        out.append("| router | ok | shed | err | TTFT p50 | TTFT p90 | TTFT p99 | in-server TTFT p50 | p90 "
+                   "| path | ITL p50 | ITL p90 | E2E p50 | E2E p90 | tokens/s | prefix-cache hit |" + extra)
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rounds > 1 else ""))
         for r in rows:
             if r["workload"] != name:
                 continue
             per_round = (" " + ", ".join(f"{v:.1f}" for v in r["ttft_p90_rounds"]) + " |") if rounds > 1 else ""
             p90 = f"{r['ttft_p90']:.1f}" if rounds > 1 else f"{r['ttft_p90']:.0f}"
             out.append(f"| {r['router']} | {r['ok']:.0f} | {r['shed']:.0f} | {r['errors']:.0f} | "
-                       f"{r['ttft_p50']:.0f} ms | {p90} ms | {r['ttft_p99']:.0f} ms | {r['itl_p50']:.1f} ms | "
+                       f"{r['ttft_p50']:.0f} ms | {p90} ms | {r['ttft_p99']:.0f} ms | "
+                       f"{r['server_ttft_p50']:.1f} ms | {r['server_ttft_p90']:.1f} ms | {r['path_ms']:.1f} ms | "
+                       f"{r['itl_p50']:.1f} ms | "
                        f"{r['itl_p90']:.1f} ms | {r['e2e_p50']:.0f} ms | {r['e2e_p90']:.0f} ms | "
                        f"{r['throughput_tok_s']:.0f} | {r['prefix_hit_rate']:.0%} |" + per_round)
+        out += _phase_table([r for r in rows if r["workload"] == name])
         if name == "mixed-priority":
             out.append("Priority ≥ 0 only (the traffic that must not suffer): p90 TTFT " + ", ".join(
                 f"{r['router']} {r['ttft_p90_high_priority']:.0f} ms" for r in rows if r["workload"] == name) + ".")
         out.append("")
     return "\n".join(out)
+
+
+def _phase_table(rows: list[dict[str, Any]]) -> list[str]:
+    """With --envoy-phases: each phase inside Envoy, p50 / mean in ms, for the routers behind one."""
+    rows = [r for r in rows if "envoy_total_p50" in r]
+    if not rows:
+        return []
+    names = [name for name, _, _ in envoy_phases.PHASES]
+    out = ["", "Inside Envoy, p50 / mean per request (ms, from its access log): " + "; ".join(
+        f"{n} = {a} to {b}" for n, a, b in envoy_phases.PHASES) + ".", "",
+        "| router | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = [f"{r.get(f'envoy_{n}_p50', float('nan')):.2f} / {r.get(f'envoy_{n}_mean', float('nan')):.2f}"
+                 for n in names]
+        out.append(f"| {r['router']} | " + " | ".join(cells) + " |")
+    return out
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[str]:
@@ -566,8 +613,8 @@ def write_report(args: argparse.Namespace, results: list[RunResult], skipped: li
     (outdir / f"{stem}.md").write_text("\n".join(report))
     raw = {"args": vars(args), "summary": rows, "runs": [
         {"workload": r.workload, "router": r.router, "round": r.round, "duration": r.duration,
-         "prefix_hit_rate": r.prefix_hit_rate, "per_pod": r.per_pod,
-         "samples": [asdict(s) for s in r.samples]} for r in results]}
+         "prefix_hit_rate": r.prefix_hit_rate, "per_pod": r.per_pod, "server_ttft_ms": r.server_ttft,
+         "envoy_phases_ms": r.envoy_phases, "samples": [asdict(s) for s in r.samples]} for r in results]}
     (outdir / f"{stem}.json").write_text(json.dumps(raw))
     pngs = plots(rows, results, outdir, stem) if rows else []
     print("\n".join(report))
@@ -591,6 +638,8 @@ def main() -> None:
                    help="run every workload this many times over the routers in turn; report medians")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--stem", default="", help="output file name stem (default routing-DATE)")
+    p.add_argument("--envoy-phases", action="store_true",
+                   help="give each Envoy an access log and report where the time went inside it (the pick hop)")
     args = p.parse_args()
     try:
         import uvloop
@@ -599,6 +648,8 @@ def main() -> None:
     except ImportError:
         pass
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)  # peers probe the pods with HTTP/2 first
+    # A SIGTERM stops the run as Ctrl-C does, so the routers' child processes (epp, Envoy, peers) stop too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     logdir = Path(tempfile.mkdtemp(prefix="epp-bench-"))
     results, skipped = asyncio.run(run_all(args, logdir))
     write_report(args, results, skipped)

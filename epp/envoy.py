@@ -63,6 +63,9 @@ class EnvoyOptions:
     # Extra HTTP filters placed before ext_proc (tests use them to set a subset hint).
     filters_before_ext_proc: list[dict[str, Any]] = field(default_factory=list)
     response_headers_to_add: dict[str, str] = field(default_factory=dict)
+    # A file access log of every request, in this format (Envoy's command operators); "" = none.
+    access_log_path: str = ""
+    access_log_format: str = ""
 
 
 def render(opts: EnvoyOptions) -> dict[str, Any]:
@@ -76,6 +79,7 @@ def render(opts: EnvoyOptions) -> dict[str, Any]:
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     _set_ports(cfg, opts)
     _add_response_headers(hcm, opts)
+    _add_access_log(hcm, opts)
     if opts.layout == "http-pick":
         filters = hcm["http_filters"]
         authz = next(f for f in filters if f["name"] == "envoy.filters.http.ext_authz")
@@ -105,6 +109,15 @@ def _add_response_headers(hcm: dict[str, Any], opts: EnvoyOptions) -> None:
             {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
             for k, v in opts.response_headers_to_add.items()
         ]
+
+
+def _add_access_log(hcm: dict[str, Any], opts: EnvoyOptions) -> None:
+    if opts.access_log_path:
+        log: dict[str, Any] = {"@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                               "path": opts.access_log_path}
+        if opts.access_log_format:
+            log["log_format"] = {"text_format_source": {"inline_string": opts.access_log_format}}
+        hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": log}]
 
 
 def _set_ports(cfg: dict[str, Any], opts: EnvoyOptions) -> None:

@@ -25,16 +25,30 @@ def args(**kw) -> argparse.Namespace:
 async def test_epp_beats_round_robin_on_cache_hits(tmp_path: Path) -> None:
     wl = workloads.shared_prefix(rate=15, duration=4, seed=3, prompts=6, prompt_tokens=1200, max_tokens=4)
     results = {}
-    for router in ("epp", "round-robin", "oracle"):
-        results[router] = await routing.run_one(wl, router, args(), tmp_path)
+    for router in ("epp", "epp-http-pick", "round-robin", "oracle"):
+        results[router] = await routing.run_one(wl, router, args(envoy_phases=True), tmp_path)
     for r in results.values():
         assert [s.status for s in r.samples] == [200] * len(wl.requests)
         assert all(s.ttft is not None and s.tokens == 4 for s in r.samples)
     assert results["epp"].prefix_hit_rate > results["round-robin"].prefix_hit_rate + 0.2
+    assert results["epp-http-pick"].prefix_hit_rate > results["round-robin"].prefix_hit_rate + 0.2
     rows = [routing.summary(r) for r in results.values()]
+    for r, row in zip(results.values(), rows, strict=True):
+        # Every request's in-server TTFT is recorded; the way there and back adds to it, never takes away.
+        assert len(r.server_ttft) == len(wl.requests)
+        assert row["server_ttft_p50"] < row["ttft_p50"]
+        assert row["path_ms"] > 0
+    # Envoy's access log shows the pick hop: Envoy alone passes a request on at once, epp's layouts
+    # spend the exchange with epp between the client's last byte and the pod's first.
+    for router in ("epp", "epp-http-pick", "round-robin", "oracle"):
+        assert results[router].envoy_phases["total_p50"] > results[router].envoy_phases["pick_p50"] > 0
+    for picker in ("epp", "epp-http-pick"):
+        for plain in ("round-robin", "oracle"):
+            assert results[picker].envoy_phases["pick_p50"] > 2 * results[plain].envoy_phases["pick_p50"]
     report = routing.markdown(rows, {wl.name: wl})
     assert "| epp |" in report
     assert "| round-robin |" in report
+    assert "Inside Envoy" in report
 
 
 def test_repeated_rounds_rotate_which_router_runs_first() -> None:

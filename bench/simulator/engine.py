@@ -109,6 +109,9 @@ class Engine:
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found cached
         self.requests_total = 0
+        # Wall-clock seconds from submit to the first token, per request: the server's own share of
+        # TTFT, without the gateway's or the client's (the routing benchmark reports both).
+        self.server_ttfts: list[float] = []
         self.steps = 0
         self.clock_ms = 0.0  # modelled time elapsed, whatever time_scale is
         self._wake = asyncio.Event()
@@ -280,6 +283,7 @@ class Engine:
                     self.requests_total += 1
                     s.generated = 1
                     s.first_token_clock = self.clock_ms
+                    self.server_ttfts.append(time.monotonic() - s.arrived)
                     s.tokens.put_nowait(1)
                     if s.max_tokens == 1:
                         self._finish(s)
