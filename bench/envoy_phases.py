@@ -26,10 +26,10 @@ def summarize(path: Path) -> dict[str, float]:
     """p50 and mean of each phase in ms (`pick_p50`, `pick_mean`, ...), over the requests the log holds.
 
     Envoy writes "-" for a phase it did not see (a request answered before reaching a pod); those
-    requests are left out of that phase.
+    requests are left out of that phase. No log (an Envoy that never started) gives {}.
     """
     columns: list[list[float]] = [[] for _ in PHASES]
-    for line in path.read_text().splitlines():
+    for line in path.read_text().splitlines() if path.exists() else ():
         for col, field in zip(columns, line.split(), strict=False):
             if field.isdigit():
                 col.append(int(field) / 1e3)

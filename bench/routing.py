@@ -362,9 +362,8 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
     else:
         raise ValueError(f"unknown router {router_name!r}")
     result = RunResult(workload.name, router_name)
-    phase_log = logdir / f"envoy-phases-{workload.name}-{router_name}-{time.monotonic_ns()}.log"
     if getattr(args, "envoy_phases", False):
-        router.phase_log = str(phase_log)
+        router.phase_log = str(logdir / f"envoy-phases-{workload.name}-{router_name}-{time.monotonic_ns()}.log")
     try:
         await asyncio.to_thread(router.start)
         await asyncio.sleep(0.5)  # let epp scrape the pool once
@@ -389,8 +388,8 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
         result.prefix_hit_rate = hits / queries if queries else 0.0
         result.per_pod = {s.name: s.served for s in servers}
         result.server_ttft = [round(t * 1e3, 3) for s in servers for t in s.engine.server_ttfts]
-        if router.phase_log and phase_log.exists():  # Envoy has exited, so the log is flushed
-            result.envoy_phases = envoy_phases.summarize(phase_log)
+        if router.phase_log:  # Envoy has exited, so the log is flushed
+            result.envoy_phases = await asyncio.to_thread(envoy_phases.summarize, Path(router.phase_log))
         for s in servers:
             await s.stop()
     return result
