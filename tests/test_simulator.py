@@ -87,3 +87,24 @@ def test_oversized_request_is_refused() -> None:
     e = Engine(EngineConfig(num_gpu_blocks=10))
     with pytest.raises(ValueError, match="KV blocks"):
         e.submit(MODEL, "x " * 1000, 10)
+
+
+async def test_kv_usage_counts_a_shared_prefix_once_and_idle_cache_as_free() -> None:
+    """vLLM's kv_cache_usage_perc is blocks in use / all blocks: sequences sharing a cached prefix hold
+    its blocks once, and cached blocks that no running sequence uses are free (evictable)."""
+    e = engine(num_gpu_blocks=1000, max_num_seqs=8)
+    doc = "lorem ipsum dolor sit amet " * 300  # ~2000 tokens: ~126 blocks of 16
+    await run(e, doc + "warm the cache")
+    assert e.kv_usage == 0.0  # cached, not in use
+    assert len(e.cache) > 100
+    seqs = [e.submit(MODEL, doc + f"question {i}?", 4) for i in range(4)]
+    await asyncio.sleep(0)
+    e._admit()
+    assert e.num_running == 4
+    prompt_blocks = -(-seqs[0].prompt_tokens // 16)
+    # One copy of the prefix plus each sequence's own last block(s), not four copies.
+    assert prompt_blocks / 1000 <= e.kv_usage < (prompt_blocks + 4 * 2) / 1000
+    for s in seqs:
+        while await s.tokens.get() is not None:
+            pass
+    assert e.kv_usage == 0.0

@@ -77,7 +77,8 @@ class Sequence:
     """One request inside the engine. `tokens` yields once per generated token, then None."""
 
     __slots__ = ("arrived", "blocks", "cached_tokens", "done", "expected_uncached", "first_token_clock", "generated",
-                 "lora", "max_tokens", "model", "prefill_left", "prompt_tokens", "reserved", "submit_clock", "tokens")
+                 "lora", "max_tokens", "model", "prefill_left", "prompt_tokens", "reserved", "shared_blocks",
+                 "submit_clock", "tokens")
 
     def __init__(self, model: str, lora: str | None, blocks: list[int], prompt_tokens: int, max_tokens: int) -> None:
         self.model, self.lora, self.blocks = model, lora, blocks
@@ -87,6 +88,7 @@ class Sequence:
         self.expected_uncached = prompt_tokens  # while waiting: what prefill will cost, judged at submit
         self.generated = 0
         self.reserved = 0
+        self.shared_blocks = 0  # leading prompt blocks found in the prefix cache at admission
         self.arrived = time.monotonic()
         self.submit_clock = 0.0  # the engine's modelled clock (ms) at submit and at the first token
         self.first_token_clock = 0.0
@@ -128,8 +130,18 @@ class Engine:
 
     @property
     def kv_usage(self) -> float:
-        used = sum(-(-s.context // self.cfg.block_size) for s in self.running)
-        return min(1.0, used / self.cfg.num_gpu_blocks)
+        """Blocks the running sequences hold / all blocks, as vLLM's block pool counts them: a cached
+        prefix block that several sequences share is one block, and cached blocks no running sequence
+        uses are free (evictable), not used."""
+        shared: set[int] = set()
+        own: set[int] = set()
+        private = 0
+        for s in self.running:
+            n = s.shared_blocks
+            shared.update(s.blocks[:n])
+            own.update(s.blocks[n:])  # computed by this sequence: in its private count
+            private += -(-s.context // self.cfg.block_size) - n
+        return min(1.0, (private + len(shared - own)) / self.cfg.num_gpu_blocks)
 
     @property
     def waiting_loras(self) -> set[str]:
@@ -215,6 +227,7 @@ class Engine:
             for h in seq.blocks[:cached]:
                 self.cache.move_to_end(h)
             seq.cached_tokens = min(cached * c.block_size, seq.prompt_tokens - 1)
+            seq.shared_blocks = cached
             seq.prefill_left = seq.prompt_tokens - seq.cached_tokens
             seq.reserved = need
             self.reserved_blocks += need
