@@ -8,6 +8,7 @@ Routers (each gets a fresh pool of simulators, cold caches, and the identical re
 - epp:          Envoy -> epp (default EndpointPickerConfig) -> pod, the pick over ext_proc (deploy/envoy.yaml)
 - epp-http-pick: the same epp, the pick over HTTP through ext_authz (deploy/envoy-http-pick.yaml)
 - least-queue:  Envoy -> epp configured with queue-scorer only
+- epp-config:   Envoy -> epp with the EndpointPickerConfig file given by --epp-config (A/B a profile)
 - round-robin:  Envoy's ROUND_ROBIN over the pods (what a plain Kubernetes Service gives)
 - random:       Envoy's RANDOM over the pods
 - sglang-router / vllm-router: the peer routers from PyPI with their cache_aware policy, when installed
@@ -59,7 +60,7 @@ from bench.stack import free_ports, grpc_serving, wait_until
 from epp.envoy import EnvoyOptions, EnvoyProcess
 
 ROUTERS = ("epp", "epp-http-pick", "round-robin", "random", "least-queue", "sglang-router", "sglang-router+envoy",
-           "vllm-router", "oracle")
+           "vllm-router", "oracle", "epp-config")
 BEHIND_ENVOY = "+envoy"  # a peer router placed behind the same Envoy that fronts epp: the same hops as epp
 LEAST_QUEUE_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -349,6 +350,10 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
         router = EppRouter(pods, logdir, layout="http-pick")
     elif router_name == "least-queue":
         router = EppRouter(pods, logdir, LEAST_QUEUE_CONFIG)
+    elif router_name == "epp-config":
+        if not getattr(args, "epp_config", ""):
+            raise ValueError("router epp-config needs --epp-config FILE")
+        router = EppRouter(pods, logdir, await asyncio.to_thread(Path(args.epp_config).read_text))
     elif router_name == "round-robin":
         router = EnvoyPoolRouter(pods, "ROUND_ROBIN")
     elif router_name == "random":
@@ -624,7 +629,8 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="shared-prefix,multi-turn,rag,lora,mixed-priority,random")
-    p.add_argument("--routers", default=",".join(ROUTERS))
+    p.add_argument("--routers", default=",".join(r for r in ROUTERS if r != "epp-config"))
+    p.add_argument("--epp-config", default="", help="EndpointPickerConfig file for the router epp-config")
     p.add_argument("--rate", type=float, default=12.0, help="requests per second (Poisson)")
     p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per run")
     p.add_argument("--servers", type=int, default=4)

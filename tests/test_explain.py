@@ -17,6 +17,8 @@ from epp.datastore import EndpointMetrics
 from epp.server import EppServer, ServeOptions
 
 ROOT = Path(__file__).resolve().parent.parent
+# A profile that weighs the scraped queue and KV use (GIE's weights), so set_load decides the pick.
+LOAD_PROFILE = (ROOT / "bench" / "configs" / "default-until-2026-11-23.yaml").read_text()
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ async def epp():
     ports = free_ports(5)
     server = EppServer(ServeOptions(
         grpc_port=ports[0], grpc_health_port=ports[1], metrics_port=0, bind_address="127.0.0.1",
-        endpoints=[f"127.0.0.1:{p}" for p in ports[2:5]], seed=1,
+        endpoints=[f"127.0.0.1:{p}" for p in ports[2:5]], seed=1, config_text=LOAD_PROFILE,
     ))
     server.datastore.objectives = {"batch": -1}
     await server.start()

@@ -1,5 +1,7 @@
 """EndpointPickerConfig loading: GIE's files load unchanged; mistakes fail at start-up naming the line."""
 
+from pathlib import Path
+
 import pytest
 
 from epp.scheduling.framework import ConfigError
@@ -37,14 +39,22 @@ saturationDetector:
 """
 
 
-def test_default_matches_gie_weights() -> None:
+def test_default_profile_weighs_affinity_and_prefill_cost_not_the_scraped_queue() -> None:
     profile = default_config().scheduler.profiles[0]
     weights = {ws.scorer.type_name: ws.weight for ws in profile.scorers}
-    assert weights["queue-scorer"] == 2
-    assert weights["kv-cache-utilization-scorer"] == 2
-    assert weights["prefix-cache-scorer"] == 3
+    assert weights == {"prefix-cache-scorer": 3, "prefill-load-scorer": 3, "lora-affinity-scorer": 1,
+                       "running-requests-scorer": 0.5}
     assert profile.picker is not None
     assert profile.picker.type_name == "max-score-picker"
+
+
+def test_the_previous_default_with_gie_weights_still_loads() -> None:
+    """bench/configs keeps the profile with GIE's default weights, for A/B runs against the default."""
+    path = Path(__file__).parent.parent / "bench" / "configs" / "default-until-2026-11-23.yaml"
+    profile = load_text(path.read_text(), str(path)).scheduler.profiles[0]
+    weights = {ws.scorer.type_name: ws.weight for ws in profile.scorers}
+    assert weights["queue-scorer"] == weights["kv-cache-utilization-scorer"] == 2
+    assert weights["prefix-cache-scorer"] == 3
 
 
 def test_gie_config_loads_unchanged() -> None:

@@ -208,14 +208,34 @@ def test_base_model_picks_are_not_remembered_as_adapters() -> None:
     assert load._adapters_sent == {}
 
 
-def test_default_profile_sends_an_adapter_where_it_is_loaded_despite_a_longer_queue() -> None:
-    """Loading an adapter costs more than waiting behind one queued request; the default profile knows it."""
+def test_default_profile_sends_an_adapter_where_it_is_loaded_despite_more_requests_there() -> None:
+    """Loading an adapter costs more than sharing a server with a few more requests; the default profile
+    knows it, and still sends base-model requests to the less busy server."""
     from epp.scheduling.picker_config import default_config
 
     scheduler = default_config(seed=1).scheduler
-    eps = [endpoint(1, max_lora=4, waiting=0), endpoint(2, max_lora=4, waiting=1, active=("sql-lora",))]
+    eps = [endpoint(1, max_lora=4, inflight=0), endpoint(2, max_lora=4, inflight=2, active=("sql-lora",))]
     for _ in range(5):
         result, _ = scheduler.schedule(request("a short question", model="sql-lora"), eps, NOW, 2.0)
         assert result.endpoint is eps[1]
-    result, _ = scheduler.schedule(request("a short question", model="m"), eps, NOW, 2.0)
-    assert result.endpoint is eps[0]  # the base model: the shorter queue wins
+    for _ in range(5):
+        result, _ = scheduler.schedule(request("a short question", model="m"), eps, NOW, 2.0)
+        assert result.endpoint is eps[0]  # the base model: fewer requests in flight wins
+
+
+def test_default_profile_keeps_a_busy_prefix_holder_when_the_cost_is_the_same() -> None:
+    """Under load the holder of a prompt's prefix is busy: a longer waiting queue, more KV in use, and a
+    long prefill of another prompt ahead. Sending the request elsewhere costs it as much (it prefills
+    the whole prompt there) and costs the pool a second copy of the prefix, which evicts others: under
+    high load that is how hit rates collapse. The default profile keeps it on the holder."""
+    from epp.scheduling.picker_config import default_config
+
+    scheduler = default_config(seed=1).scheduler
+    holder, idle = endpoint(1, waiting=3, kv=0.8, inflight=4), endpoint(2, waiting=0, kv=0.1, inflight=3)
+    eps = [holder, idle]
+    first = request(DOC + "first question?")
+    _, state = scheduler.schedule(first, eps, NOW, 2.0)
+    scheduler.pre_request(state, first, SchedulingResult([holder], eps))  # sent there: held, and prefilling
+    for i in range(3):
+        result, _ = scheduler.schedule(request(DOC + f"question {i}?"), eps, NOW, 2.0)
+        assert result.endpoint is holder

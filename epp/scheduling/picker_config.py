@@ -26,17 +26,18 @@ log = logging.getLogger(__name__)
 API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1",)
 KIND = "EndpointPickerConfig"
 
-# GIE's current default profile (config/loader/defaults.go): queue 2, KV 2, prefix 3; plus LoRA
-# affinity; epp's exact in-flight count, which keeps picks apart between two scrapes (without it,
-# every request in a 50 ms scrape window goes to the same "least loaded" pod); and epp's estimate
-# of the prefill work ahead of the first token, which stops a prefix holder that is busy
-# prefilling a long prompt from collecting every request behind it (README, "Performance").
+# epp's default profile: prefix affinity, and epp's estimate of the prefill work ahead of the first
+# token (this request's uncached tokens plus those of epp's requests not yet streaming), which stops
+# a prefix holder busy prefilling a long prompt from collecting every request behind it; LoRA
+# affinity; and epp's exact in-flight count, which keeps picks apart between two scrapes.
+# GIE's default also weighs the scraped waiting queue (2) and KV-cache usage (2). Min-max normalised,
+# a one-request difference in queue moves a pick two thirds as much as a whole prefix match; under high load
+# they pushed requests off the servers holding their prefixes; the misses evicted other prefixes and
+# the pool fell into cache thrash (README, "Performance"). Both scorers remain for configs that want them.
 DEFAULT_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
 - type: prefix-cache-scorer
 - type: lora-affinity-scorer
 - type: running-requests-scorer
@@ -46,10 +47,6 @@ plugins:
 schedulingProfiles:
 - name: default
   plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
   - pluginRef: prefix-cache-scorer
     weight: 3
   - pluginRef: lora-affinity-scorer
