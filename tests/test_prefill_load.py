@@ -225,9 +225,10 @@ def test_default_profile_sends_an_adapter_where_it_is_loaded_despite_more_reques
 
 def test_default_profile_keeps_a_busy_prefix_holder_when_the_cost_is_the_same() -> None:
     """Under load the holder of a prompt's prefix is busy: a longer waiting queue, more KV in use, and a
-    long prefill of another prompt ahead. Sending the request elsewhere costs it as much (it prefills
-    the whole prompt there) and costs the pool a second copy of the prefix, which evicts others: under
-    high load that is how hit rates collapse. The default profile keeps it on the holder."""
+    long prefill ahead (the document's first question, still prefilling). Sending the request elsewhere
+    costs it as much (it prefills the whole document there) and costs the pool a second copy of the
+    prefix, which evicts others: under high load that is how hit rates collapse. The default profile
+    keeps it on the holder."""
     from epp.scheduling.picker_config import default_config
 
     scheduler = default_config(seed=1).scheduler

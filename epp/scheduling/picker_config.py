@@ -31,9 +31,9 @@ KIND = "EndpointPickerConfig"
 # a prefix holder busy prefilling a long prompt from collecting every request behind it; LoRA
 # affinity; and epp's exact in-flight count, which keeps picks apart between two scrapes.
 # GIE's default also weighs the scraped waiting queue (2) and KV-cache usage (2). Min-max normalised,
-# a one-request difference in queue moves a pick two thirds as much as a whole prefix match; under high load
-# they pushed requests off the servers holding their prefixes; the misses evicted other prefixes and
-# the pool fell into cache thrash (README, "Performance"). Both scorers remain for configs that want them.
+# one more waiting request moves a pick two thirds as far as a whole prefix match. Under high load
+# they pushed requests off the servers holding their prefixes, the misses evicted other prefixes,
+# and the pool fell into cache thrash (README, "How epp picks"). Both remain for configs that want them.
 DEFAULT_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
