@@ -69,6 +69,10 @@ class HttpPick:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    def _too_large(self) -> errors.EppError:
+        return errors.bad_request(f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                                  reason="request_too_large")
+
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self.serving else 503)
 
@@ -79,13 +83,11 @@ class HttpPick:
         req = new_request(request.raw_path[len(PATH_PREFIX):] or "/", headers)  # type: ignore[arg-type]
         try:
             if request.content_length and request.content_length > self.max_body_bytes:
-                raise errors.bad_request(f"request body exceeds the limit of {self.max_body_bytes} bytes",
-                                         reason="request_too_large")
+                raise self._too_large()
             try:
                 body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                raise errors.bad_request(f"request body exceeds the limit of {self.max_body_bytes} bytes",
-                                         reason="request_too_large") from None
+            except web.HTTPRequestEntityTooLarge:  # no content-length: aiohttp counted the bytes
+                raise self._too_large() from None
             subset = _subset(headers)
             if body:
                 ex, new_body = xs.pick(req, body, subset, received_at)
