@@ -3,8 +3,6 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY epp ./epp
-COPY bench ./bench
-COPY deploy ./deploy
 RUN pip install --no-cache-dir . && useradd --uid 65532 --no-create-home epp
 USER 65532
 EXPOSE 9002 9003 9090

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 from bench.gateways import DirectEnvoy
-from bench.stack import Stack, StackOptions, free_ports
+from epp.stack import Stack, StackOptions, free_ports
 from epp.envoy import EnvoyOptions, EnvoyProcess
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"

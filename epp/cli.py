@@ -47,7 +47,7 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grpc-health-port", type=int, default=9003, help="grpc.health.v1 port (default 9003)")
     g.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (default 9090)")
     g.add_argument("--http-pick-port", type=int, default=9004,
-                   help="the pick over HTTP for Envoy's ext_authz, deploy/envoy-http-pick.yaml (default 9004; 0: off)")
+                   help="the pick over HTTP for Envoy's ext_authz, the http-pick Envoy layout (default 9004; 0: off)")
     g.add_argument("--bind-address", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     g = p.add_argument_group("pool")
     g.add_argument("--endpoints", action="append", default=[], metavar="IP:PORT[,IP:PORT...]",
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="stay up after the requests (Ctrl-C to stop)")
     demo.add_argument("--base-port", type=int, default=18000, help="first of the loopback ports used")
     demo.add_argument("--layout", choices=("ext-proc", "http-pick"), default="ext-proc",
-                      help="Envoy's bootstrap: deploy/envoy.yaml (ext-proc) or deploy/envoy-http-pick.yaml")
+                      help="Envoy's layout: the pick over ext_proc, or over HTTP through ext_authz")
     return p
 
 

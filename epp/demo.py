@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from bench.stack import Stack, StackOptions
+from epp.stack import Stack, StackOptions
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 SYSTEM = (

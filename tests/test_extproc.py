@@ -13,7 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.stack import free_ports
+from epp.stack import free_ports
 from epp.server import EppServer, ServeOptions
 
 MODEL = "m"

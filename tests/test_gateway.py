@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 
-from bench.stack import Stack, StackOptions, wait_until
+from epp.stack import Stack, StackOptions, wait_until
 from epp.envoy import EnvoyOptions
 
 pytestmark = pytest.mark.integration

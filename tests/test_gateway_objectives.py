@@ -13,7 +13,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from bench.stack import Stack, StackOptions, wait_until
+from epp.stack import Stack, StackOptions, wait_until
 from epp import explain
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ import pytest
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
-from bench.stack import free_ports
+from epp.stack import free_ports
 from epp.rewrites import ModelRewrites, RewriteRule
 from epp.server import EppServer, ServeOptions
 from tests.test_extproc import body_msg, exchange, headers_msg

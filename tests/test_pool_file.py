@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.stack import free_ports
+from epp.stack import free_ports
 from epp.discovery.manifests import ManifestError, parse
 from epp.rewrites import ModelRewrites, RewriteRule
 from epp.server import EppServer, ServeOptions

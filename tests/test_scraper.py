@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from bench.simulator.engine import EngineConfig
-from bench.simulator.server import SimulatedServer
-from bench.stack import free_ports
+from epp.simulator.engine import EngineConfig
+from epp.simulator.server import SimulatedServer
+from epp.stack import free_ports
 from epp.datastore import Datastore
 from epp.discovery.static import static_endpoints
 from epp.metrics.mappings import ENGINES, parse_spec, with_overrides

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from bench.simulator.engine import Engine, EngineConfig
+from epp.simulator.engine import Engine, EngineConfig
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.stack import Stack, StackOptions
+from epp.stack import Stack, StackOptions
 from bench.workloads import BASE_MODEL
 
 HERE = Path(__file__).resolve().parent

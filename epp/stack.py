@@ -103,7 +103,7 @@ class Stack:
 
     def start_simulators(self) -> None:
         self._spawn("simulators", [
-            sys.executable, "-m", "bench.simulator", "--ports", ",".join(map(str, self.sim_ports)),
+            sys.executable, "-m", "epp.simulator", "--ports", ",".join(map(str, self.sim_ports)),
             *self.opts.sim_args,
         ])
         for port in self.sim_ports:

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bench.simulator.engine import Engine, EngineConfig, Sequence
+from epp.simulator.engine import Engine, EngineConfig, Sequence
 
 # A fixed vocabulary: output text is deterministic for a given request.
 _WORDS = ("the", "model", "routes", "tokens", "quickly", "and", "prefix", "cache", "hits", "well")

@@ -1,4 +1,4 @@
-"""Run simulated model servers: `python -m bench.simulator --port 8001 --count 3`.
+"""Run simulated model servers: `python -m epp.simulator --port 8001 --count 3`.
 
 Several servers in one process listen on consecutive ports; each has its own engine.
 """
@@ -9,12 +9,12 @@ import argparse
 import asyncio
 import signal
 
-from bench.simulator.engine import EngineConfig
-from bench.simulator.server import SimulatedServer
+from epp.simulator.engine import EngineConfig
+from epp.simulator.server import SimulatedServer
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.simulator")
+    p = argparse.ArgumentParser(prog="python -m epp.simulator")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="port of the first server")
     p.add_argument("--count", type=int, default=1, help="servers to run, on consecutive ports")
