@@ -36,8 +36,8 @@ from pathlib import Path
 import httpx
 
 from bench.gateways import DirectEnvoy
-from epp.stack import Stack, StackOptions, free_ports
 from epp.envoy import EnvoyOptions, EnvoyProcess
+from epp.stack import Stack, StackOptions, free_ports
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 

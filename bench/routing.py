@@ -54,10 +54,10 @@ import httpx
 
 from bench import envoy_phases, workloads
 from bench.gateways import DirectEnvoy, PoolEnvoy
+from epp.envoy import EnvoyOptions, EnvoyProcess
 from epp.simulator.engine import CHARS_PER_TOKEN, EngineConfig, prompt_blocks
 from epp.simulator.server import SimulatedServer, _prompt_text
 from epp.stack import free_ports, grpc_serving, wait_until
-from epp.envoy import EnvoyOptions, EnvoyProcess
 
 ROUTERS = ("epp", "epp-http-pick", "round-robin", "random", "least-queue", "sglang-router", "sglang-router+envoy",
            "vllm-router", "oracle", "epp-config")

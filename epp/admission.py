@@ -33,8 +33,8 @@ class Admission:
         self.datastore = datastore
         self.detector = detector
 
-    def admit(self, request: InferenceRequest, candidates: Sequence[Endpoint], now: float) -> str | None:
-        """Apply the model rewrite and set the priority; raise 429 if sheddable and the pool is saturated.
+    def resolve(self, request: InferenceRequest) -> str | None:
+        """Set the request's target model (model rewrites) and priority (its objective's).
 
         Returns the name of the InferenceModelRewrite that chose the target model, if one did.
         """
@@ -45,10 +45,14 @@ class Admission:
             if chosen is not None:
                 request.target_model, rewrite = chosen
         request.priority = self.datastore.objectives.get(request.objective, 0) if request.objective else 0
+        return rewrite
+
+    def shed(self, request: InferenceRequest, candidates: Sequence[Endpoint], now: float) -> errors.EppError | None:
+        """The 429 for a sheddable request (priority < 0) while the pool is saturated, else None."""
         if request.priority < 0 and self.detector.saturated(candidates, now):
-            raise errors.EppError(
+            return errors.EppError(
                 errors.RESOURCE_EXHAUSTED,
                 "the inference pool is saturated and this request is sheddable (priority < 0); retry later",
                 reason="pool_saturated",
             )
-        return rewrite
+        return None

@@ -12,17 +12,21 @@ import signal
 import sys
 
 from epp.durations import parse_duration
-from epp.scheduling.framework import ConfigError
+from epp.errors import ConfigError
+
+log = logging.getLogger("epp")
 
 # Go EPP flags that epp accepts so its manifests work unchanged, but that change nothing here.
+# Each one given is named in a warning at start-up.
 _ACCEPTED_GO_FLAGS_WITH_VALUE = (
     "--pool-group", "--endpoint-selector", "--endpoint-target-ports", "--cert-path",
     "--zap-encoder", "--zap-log-level", "--zap-stacktrace-level", "--zap-time-encoding",
+    "--cache-info-metric",
 )
 _ACCEPTED_GO_BOOL_FLAGS = (
     "--ha-enable-leader-election", "--tracing", "--health-checking", "--enable-pprof",
     "--enable-cert-reload", "--secure-serving", "--metrics-endpoint-auth", "--disable-endpoint-subset-filter",
-    "--zap-devel", "--model-server-metrics-https-insecure-skip-verify",
+    "--zap-devel",
 )
 
 
@@ -75,7 +79,10 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--total-running-requests-metric")
     g.add_argument("--kv-cache-usage-percentage-metric")
     g.add_argument("--lora-info-metric")
-    g.add_argument("--cache-info-metric")
+    g.add_argument("--model-server-metrics-https-insecure-skip-verify", nargs="?", const=True, type=_bool,
+                   default=True, metavar="BOOL",
+                   help="with --model-server-metrics-scheme https: do not verify the servers' certificates "
+                        "(default true, as the Go EPP)")
     g = p.add_argument_group("scheduling")
     g.add_argument("--config-file", help="EndpointPickerConfig YAML (GIE format)")
     g.add_argument("--config-text", help="EndpointPickerConfig YAML given inline")
@@ -98,6 +105,12 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, help=argparse.SUPPRESS)
     for flag in _ACCEPTED_GO_BOOL_FLAGS:
         g.add_argument(flag, nargs="?", const=True, type=_bool, help=argparse.SUPPRESS)
+
+
+def no_effect_flags(args: argparse.Namespace) -> list[str]:
+    """The Go EPP flags given on this command line that epp accepts and ignores."""
+    return [f for f in (*_ACCEPTED_GO_FLAGS_WITH_VALUE, *_ACCEPTED_GO_BOOL_FLAGS)
+            if getattr(args, f[2:].replace("-", "_"), None) is not None]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +161,7 @@ def _options(args: argparse.Namespace):
         total_running_requests_metric=args.total_running_requests_metric,
         kv_cache_usage_percentage_metric=args.kv_cache_usage_percentage_metric,
         lora_info_metric=args.lora_info_metric,
-        cache_info_metric=args.cache_info_metric,
+        model_server_metrics_insecure_skip_verify=args.model_server_metrics_https_insecure_skip_verify,
         config_file=args.config_file,
         config_text=args.config_text,
         max_body_bytes=args.max_request_body_bytes,
@@ -222,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every scrape at INFO; the scraper reports state changes itself.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    for flag in no_effect_flags(args):
+        log.warning("flag %s is accepted for Go EPP compatibility and has no effect in epp", flag)
     try:
         opts = _options(args)
         import uvloop

@@ -25,8 +25,6 @@ class EndpointMetrics:
     active_adapters: frozenset[str] = frozenset()
     waiting_adapters: frozenset[str] = frozenset()
     max_lora: int = 0
-    block_size: int | None = None
-    num_gpu_blocks: int | None = None
     scraped_at: float = 0.0  # time.monotonic()
 
 
@@ -87,7 +85,6 @@ class Datastore:
 
     def __init__(self, staleness: float = 2.0) -> None:
         self.staleness = staleness
-        self.pool_name = "default"
         self._by_key: dict[str, Endpoint] = {}
         self._ready: tuple[Endpoint, ...] = ()
         self._listeners: list[Listener] = []

@@ -1,8 +1,10 @@
-"""One request's way through the EPP's decision: candidates, admission, scheduling, hooks.
+"""One request's decision: candidates, model rewrite, admission, scheduling, and the body to forward.
 
-The extproc layer calls `decide` once the request is parsed and `finish` once its
-response has ended; it never scores. The director owns the in-flight counts: +1
-when a pick is handed to the proxy, -1 exactly once when that request ends.
+`plan` computes all of it without side effects; `decide` (a real pick) and
+`dry_run` (the explain API) both go through it, so what explain shows is what a
+pick does. The transports call `decide` once a request is parsed and `finish`
+once its response has ended; they never score. The director owns the in-flight
+counts: +1 when a pick is handed to the proxy, -1 exactly once when it ends.
 """
 
 from __future__ import annotations
@@ -14,41 +16,50 @@ from dataclasses import dataclass
 from epp import errors
 from epp.admission import Admission, SaturationDetector
 from epp.datastore import Datastore, Endpoint
-from epp.metrics.epp_metrics import EppMetrics
+from epp.metrics import EppMetrics
 from epp.requests import INFERENCE_KINDS, InferenceRequest
 from epp.scheduling.framework import CycleState, SchedulingResult
 from epp.scheduling.picker_config import PickerConfig
 
 
 @dataclass(slots=True)
+class Plan:
+    """What picking the request would do now, before anything is committed."""
+
+    candidates: list[Endpoint]
+    rewrite: str | None = None  # the InferenceModelRewrite that chose the target model
+    result: SchedulingResult | None = None
+    state: CycleState | None = None
+    # Why it would not be picked: shed (429) or no endpoint (503). A shed plan is still scored.
+    error: errors.EppError | None = None
+
+
+@dataclass(slots=True)
 class Decision:
+    """A committed pick: the scheduling result, the body to forward, and what the proxy is told."""
+
     result: SchedulingResult
     state: CycleState
-    # The metadata value: the pick, then fallbacks, comma-separated.
-    targets: str
+    targets: str  # the metadata value: the pick, then fallbacks, comma-separated
+    body: bytes  # the body to forward: the client's, or with the target model
+    body_changed: bool
+    explain: str | None = None  # the why, when explain headers are on
 
     @property
     def endpoint(self) -> Endpoint:
         return self.result.targets[0]
 
 
-@dataclass(slots=True)
-class DryRun:
-    """What scheduling a request would do now (see `Director.dry_run`)."""
-
-    candidates: list[Endpoint]
-    result: SchedulingResult | None = None
-    rewrite: str | None = None
-    saturated: bool = False
-    error: errors.EppError | None = None
-
-
 class Director:
-    def __init__(self, datastore: Datastore, config: PickerConfig, metrics: EppMetrics | None = None) -> None:
+    def __init__(
+        self, datastore: Datastore, config: PickerConfig, metrics: EppMetrics | None = None, *,
+        explain_headers: bool = False,
+    ) -> None:
         self.datastore = datastore
         self.config = config
         self.scheduler = config.scheduler
         self.metrics = metrics
+        self.explain_headers = explain_headers
         self.admission = Admission(datastore, SaturationDetector(config.saturation))
         datastore.subscribe(self.scheduler.endpoints_changed)
 
@@ -59,54 +70,59 @@ class Director:
         allowed = set(subset)
         return [ep for ep in ready if ep.hostport in allowed]
 
-    def candidates_or_fail(self, subset: Sequence[str] | None) -> list[Endpoint]:
-        candidates = self.candidates(subset)
-        if not candidates:
-            if subset is not None:
-                raise errors.EppError(
-                    errors.SERVICE_UNAVAILABLE,
-                    "none of the endpoints in the proxy's subset hint is a ready endpoint of the pool",
-                    reason="no_endpoint",
-                )
-            raise errors.EppError(errors.SERVICE_UNAVAILABLE, "no ready endpoint in the pool", reason="no_endpoint")
-        return candidates
+    def plan(self, request: InferenceRequest, subset: Sequence[str] | None = None, *, score_shed: bool = True) -> Plan:
+        """Candidates, rewrite and priority, admission, scheduling: every step, no side effect.
 
-    def decide(self, request: InferenceRequest, subset: Sequence[str] | None = None) -> Decision:
-        """Pick an endpoint for the request, or raise EppError (429, 503)."""
-        started = time.perf_counter()
-        candidates = self.candidates_or_fail(subset)
+        A request admission sheds is still scored when `score_shed` (to show why), else not.
+        """
+        plan = Plan(self.candidates(subset))
+        if not plan.candidates:
+            message = ("none of the endpoints in the proxy's subset hint is a ready endpoint of the pool"
+                       if subset is not None else "no ready endpoint in the pool")
+            plan.error = errors.EppError(errors.SERVICE_UNAVAILABLE, message, reason="no_endpoint")
+            return plan
         now = self.datastore.now()
         if request.kind in INFERENCE_KINDS:
-            rewrite = self.admission.admit(request, candidates, now)
-            if rewrite is not None and self.metrics is not None:
-                self.metrics.model_rewrites.labels(rewrite, request.model, request.target_model).inc()
-        result, state = self.scheduler.schedule(request, candidates, now, self.datastore.staleness)
+            plan.rewrite = self.admission.resolve(request)
+            plan.error = self.admission.shed(request, plan.candidates, now)
+            if plan.error is not None and not score_shed:
+                return plan
+        try:
+            plan.result, plan.state = self.scheduler.schedule(request, plan.candidates, now, self.datastore.staleness)
+        except errors.EppError as e:
+            plan.error = plan.error or e
+        return plan
+
+    def decide(self, request: InferenceRequest, subset: Sequence[str] | None = None) -> Decision:
+        """Pick an endpoint for the parsed request and commit it, or raise EppError (429, 503)."""
+        started = time.perf_counter()
+        plan = self.plan(request, subset, score_shed=False)
+        if plan.error is not None:
+            raise plan.error
+        result, state = plan.result, plan.state
+        assert result is not None
+        assert state is not None
         self.scheduler.pre_request(state, request, result)
         ep = result.targets[0]
         ep.inflight += 1
         targets = ep.hostport if len(result.targets) == 1 else ",".join(t.hostport for t in result.targets)
+        body = request.forwarded_body()
+        decision = Decision(result, state, targets, body, body is not request.body)
+        if self.explain_headers:
+            decision.explain = self.explain(result)
         m = self.metrics
         if m is not None:
-            m.scheduler_e2e.observe(time.perf_counter() - started)
-            m.scheduler_attempts.labels("success", request.target_model, ep.name, "", str(ep.port)).inc()
-        return Decision(result, state, targets)
+            if plan.rewrite is not None:
+                m.rewritten(plan.rewrite, request)
+            m.scheduled(request, ep, time.perf_counter() - started)
+        return decision
 
-    def dry_run(self, request: InferenceRequest, subset: Sequence[str] | None = None) -> DryRun:
-        """Everything `decide` would do, without doing it: no in-flight count, no hooks, nothing shed."""
-        run = DryRun([])
-        now = self.datastore.now()
-        try:
-            run.candidates = self.candidates_or_fail(subset)
-            run.saturated = self.admission.detector.saturated(run.candidates, now)
-            if request.kind in INFERENCE_KINDS:
-                try:
-                    run.rewrite = self.admission.admit(request, run.candidates, now)
-                except errors.EppError as e:
-                    run.error = e  # shed: still show how it would have been scored
-            run.result, _ = self.scheduler.schedule(request, run.candidates, now, self.datastore.staleness)
-        except errors.EppError as e:
-            run.error = run.error or e
-        return run
+    def dry_run(self, request: InferenceRequest, subset: Sequence[str] | None = None) -> Plan:
+        """What `decide` would do, without doing it: no in-flight count, no hooks, nothing shed."""
+        return self.plan(request, subset)
+
+    def saturated(self, candidates: Sequence[Endpoint]) -> bool:
+        return self.admission.detector.saturated(candidates, self.datastore.now())
 
     def started(self, request: InferenceRequest, decision: Decision) -> None:
         """The first byte of the response arrived (the first token, when streaming)."""
@@ -118,9 +134,9 @@ class Director:
         ep.inflight -= 1
         self.scheduler.response_complete(request, ep)
 
-    def explain(self, decision: Decision) -> str:
+    @staticmethod
+    def explain(r: SchedulingResult) -> str:
         """A one-line why: each candidate's total and per-scorer scores, the pick first."""
-        r = decision.result
         picked = r.candidates.index(r.targets[0])
         order = [picked, *sorted((i for i in range(len(r.candidates)) if i != picked), key=lambda i: -r.totals[i])]
         parts = []

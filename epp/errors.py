@@ -1,4 +1,4 @@
-"""Errors that end a request with an HTTP status, never by breaking the ext_proc stream.
+"""epp's two kinds of error: a request's (an HTTP status, never a broken ext_proc stream) and a start-up one.
 
 Each error knows its HTTP status, the GIE error code used in the
 `inference_objective_request_error_total{error_code=...}` metric, and renders an
@@ -32,6 +32,10 @@ _OPENAI_TYPE = {
     503: "service_unavailable",
     500: "internal_error",
 }
+
+
+class ConfigError(ValueError):
+    """A configuration problem found at start-up, before anything is bound; the message names where."""
 
 
 class EppError(Exception):

@@ -36,7 +36,8 @@ def explain(director: Director, request: pb.ExplainRequest) -> pb.ExplainRespons
         return out
     run = director.dry_run(req, list(request.subset) or None)
     out.model, out.target_model, out.model_rewrite = req.model, req.target_model, run.rewrite or ""
-    out.objective, out.priority, out.pool_saturated = req.objective, req.priority, run.saturated
+    out.objective, out.priority = req.objective, req.priority
+    out.pool_saturated = bool(run.candidates) and director.saturated(run.candidates)
     if run.error is not None:
         _set_error(out, run.error)
     profile = director.scheduler.profiles[0]

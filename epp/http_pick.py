@@ -10,7 +10,7 @@ gRPC stream, whose every message crosses grpc's threads (see README, "Envoy layo
 ext_authz cannot change the body, and turns any 5xx of its server into its own bodiless
 status. When the pool rewrites the model, or epp's answer is a 5xx error, the answer is
 200 with `x-epp-rewrite-body`; the layout's ext_proc filter runs only for such requests,
-and epp sends the new body, or the error, there (`ExternalProcessor`). The response is
+and epp sends the new body, or the error, there (`epp.handoff`). The response is
 watched by the same observer filter as in the ext_proc layout.
 """
 
@@ -23,9 +23,10 @@ from collections.abc import Mapping
 from aiohttp import web
 
 from epp import errors
-from epp.exchanges import EXCHANGE_HEADER, REWRITE_HEADER, Exchanges
-from epp.extproc.responses import DESTINATION_HEADER, SUBSET_KEY
-from epp.requests import new_request
+from epp.exchanges import Exchanges
+from epp.handoff import Handoff, Handoffs
+from epp.protocol import DESTINATION_HEADER, EXCHANGE_HEADER, HANDOFF_HEADER, SUBSET_KEY
+from epp.requests import new_request, parse_body
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ def _subset(headers: Mapping[str, str]) -> list[str] | None:
 class HttpPick:
     """An aiohttp server answering ext_authz checks with epp's pick."""
 
-    def __init__(self, exchanges: Exchanges, *, max_body_bytes: int = 16 << 20, grace_period: float = 30.0) -> None:
+    def __init__(self, exchanges: Exchanges, handoffs: Handoffs, *, max_body_bytes: int = 16 << 20,
+                 grace_period: float = 30.0) -> None:
         self.exchanges = exchanges
+        self.handoffs = handoffs
         self.max_body_bytes = max_body_bytes
         self.grace_period = grace_period  # on stop, requests in flight get this long to be answered
         self.serving = False  # /healthz: the pool is known and epp is not stopping
@@ -90,24 +93,26 @@ class HttpPick:
                 raise self._too_large() from None
             subset = _subset(headers)
             if body:
-                ex, new_body = xs.pick(req, body, subset, received_at)
-            else:  # GET /v1/models and the like, routed unread as over ext_proc
-                ex, new_body = xs.pick_without_body(req, subset, received_at), body
+                parse_body(req, body)
+            # Without a body (GET /v1/models and the like) the request is routed unread, as over ext_proc.
+            ex = xs.open(req, subset, received_at)
         except errors.EppError as e:
             xs.failed(req, e)
             if e.http_status >= 500:
                 # ext_authz would answer a 5xx with its own bodiless status_on_error: the layout's
                 # ext_proc filter sends this error instead.
-                return web.Response(status=200, headers={EXCHANGE_HEADER: xs.defer_error(e), REWRITE_HEADER: "1"})
+                key = self.handoffs.hold(Handoff(error=e))
+                return web.Response(status=200, headers={EXCHANGE_HEADER: key, HANDOFF_HEADER: "1"})
             return web.Response(status=e.http_status, body=e.body(), headers=_JSON)
-        out = xs.pick_headers(ex)
-        out[DESTINATION_HEADER] = ex.decision.endpoint.hostport
-        if new_body is not body:
-            ex.new_body = new_body
-            out[REWRITE_HEADER] = "1"
+        d = ex.decision
+        out = ex.pick_headers()
+        out[DESTINATION_HEADER] = d.endpoint.hostport
+        if d.body_changed:
+            self.handoffs.hold(Handoff(d.body, d.endpoint.hostport, d.targets), key=ex.key)
+            out[HANDOFF_HEADER] = "1"
         # Nothing more reaches this transport: the observer filter claims the exchange, or it expires.
         xs.release_later(ex)
         return web.Response(status=200, headers=out)
 
 
-__all__ = ["EXCHANGE_HEADER", "HEALTH_PATH", "PATH_PREFIX", "REWRITE_HEADER", "HttpPick"]
+__all__ = ["HEALTH_PATH", "PATH_PREFIX", "HttpPick"]

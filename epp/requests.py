@@ -13,13 +13,13 @@ from typing import Any
 import orjson
 
 from epp.errors import EppError, bad_request
-
-# Request headers GIE defines (pkg/epp/metadata).
-OBJECTIVE_HEADER = "x-gateway-inference-objective"
-FAIRNESS_ID_HEADER = "x-gateway-inference-fairness-id"
-MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
-REQUEST_ID_HEADER = "x-request-id"
-DEFAULT_FAIRNESS_ID = "default-flow"
+from epp.protocol import (
+    DEFAULT_FAIRNESS_ID,
+    FAIRNESS_ID_HEADERS,
+    MODEL_REWRITE_HEADER,
+    OBJECTIVE_HEADER,
+    REQUEST_ID_HEADER,
+)
 
 COMPLETIONS = "completions"
 CHAT = "chat"
@@ -49,6 +49,14 @@ class InferenceRequest:
     request_id: str = ""
     parsed: dict[str, Any] | None = field(default=None, repr=False)
 
+    def forwarded_body(self) -> bytes:
+        """The body to send to the model server: the client's, or with `model` set to the target model."""
+        if self.parsed is None or self.target_model == self.model:
+            return self.body
+        data = dict(self.parsed)
+        data["model"] = self.target_model
+        return orjson.dumps(data)
+
 
 def request_kind(path: str) -> str:
     """Classify the HTTP path; query strings are ignored."""
@@ -66,7 +74,7 @@ def new_request(path: str, headers: dict[str, str]) -> InferenceRequest:
     """Start a request from its headers; the body, if any, comes later."""
     req = InferenceRequest(path=path, kind=request_kind(path), headers=headers)
     req.objective = headers.get(OBJECTIVE_HEADER, "")
-    req.fairness_id = headers.get(FAIRNESS_ID_HEADER) or DEFAULT_FAIRNESS_ID
+    req.fairness_id = next((headers[h] for h in FAIRNESS_ID_HEADERS if headers.get(h)), DEFAULT_FAIRNESS_ID)
     req.request_id = headers.get(REQUEST_ID_HEADER, "")
     return req
 
@@ -214,15 +222,6 @@ def _embedding_input(data: dict[str, Any]) -> str:
     return orjson.dumps(value).decode()
 
 
-def rewrite_model(req: InferenceRequest) -> bytes:
-    """The body to forward when the target model differs from what the client asked for."""
-    if req.parsed is None or req.target_model == req.model:
-        return req.body
-    data = dict(req.parsed)
-    data["model"] = req.target_model
-    return orjson.dumps(data)
-
-
 __all__ = [
     "CHAT",
     "COMPLETIONS",
@@ -234,5 +233,4 @@ __all__ = [
     "new_request",
     "parse_body",
     "request_kind",
-    "rewrite_model",
 ]

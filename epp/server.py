@@ -18,19 +18,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from epp._proto import explain_pb2_grpc
+from epp.datalayer import engines
+from epp.datalayer.scraper import MetricsScraper
 from epp.datastore import Datastore, Endpoint
 from epp.director import Director
 from epp.discovery import manifests
 from epp.discovery.static import static_endpoints
+from epp.errors import ConfigError
 from epp.exchanges import Exchanges
 from epp.explain import ExplainService
 from epp.extproc.processor import SERVICE, ExternalProcessor
+from epp.handoff import Handoffs
 from epp.http_pick import HttpPick
-from epp.metrics import mappings
-from epp.metrics.epp_metrics import EppMetrics
-from epp.metrics.scraper import MetricsScraper
+from epp.metrics import EppMetrics
 from epp.rewrites import ModelRewrites
 from epp.scheduling import picker_config
+from epp.scheduling.framework import PrefixIndexHolder
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ class ServeOptions:
     total_running_requests_metric: str | None = None
     kv_cache_usage_percentage_metric: str | None = None
     lora_info_metric: str | None = None
-    cache_info_metric: str | None = None
+    model_server_metrics_insecure_skip_verify: bool = True
     config_file: str | None = None
     config_text: str | None = None
     max_body_bytes: int = 16 << 20
@@ -73,7 +76,7 @@ class ServeOptions:
 
 def load_picker_config(opts: ServeOptions) -> picker_config.PickerConfig:
     if opts.config_file and opts.config_text:
-        raise picker_config.ConfigError("--config-file and --config-text cannot both be set")
+        raise ConfigError("--config-file and --config-text cannot both be set")
     if opts.config_file:
         return picker_config.load_file(opts.config_file, seed=opts.seed)
     if opts.config_text:
@@ -81,20 +84,19 @@ def load_picker_config(opts: ServeOptions) -> picker_config.PickerConfig:
     return picker_config.default_config(seed=opts.seed)
 
 
-def engine_mapper(opts: ServeOptions) -> dict[str, mappings.EngineMapping]:
+def engine_mapper(opts: ServeOptions) -> dict[str, engines.EngineMapping]:
     """Engine name -> mapping, with the metric-name flags applied to the default engine."""
-    if opts.engine_type not in mappings.ENGINES:
-        raise ValueError(f"unknown --engine-type {opts.engine_type!r}; known: {', '.join(mappings.ENGINES)}")
-    engines = dict(mappings.ENGINES)
-    engines[opts.engine_type] = mappings.with_overrides(
-        engines[opts.engine_type],
+    if opts.engine_type not in engines.ENGINES:
+        raise ValueError(f"unknown --engine-type {opts.engine_type!r}; known: {', '.join(engines.ENGINES)}")
+    by_name = dict(engines.ENGINES)
+    by_name[opts.engine_type] = engines.with_overrides(
+        by_name[opts.engine_type],
         queue=opts.total_queued_requests_metric,
         running=opts.total_running_requests_metric,
         kv_usage=opts.kv_cache_usage_percentage_metric,
         lora_info=opts.lora_info_metric,
-        cache_info=opts.cache_info_metric,
     )
-    return engines
+    return by_name
 
 
 class EppServer:
@@ -104,14 +106,15 @@ class EppServer:
         self.picker_config = load_picker_config(opts)
         self.engines = engine_mapper(opts)
         self.datastore = Datastore(staleness=opts.metrics_staleness_threshold)
-        self.datastore.pool_name = opts.pool_name
         self.metrics = EppMetrics(opts.pool_name)
-        self.director = Director(self.datastore, self.picker_config, self.metrics)
-        self.exchanges = Exchanges(self.director, self.metrics, explain_headers=opts.explain_headers,
-                                   observer_grace=opts.observer_grace)
-        self.processor = ExternalProcessor(self.exchanges, max_body_bytes=opts.max_body_bytes)
+        self.director = Director(self.datastore, self.picker_config, self.metrics,
+                                 explain_headers=opts.explain_headers)
+        self.exchanges = Exchanges(self.director, self.metrics, observer_grace=opts.observer_grace)
+        self.handoffs = Handoffs(grace=opts.observer_grace)
+        self.processor = ExternalProcessor(self.exchanges, self.handoffs, max_body_bytes=opts.max_body_bytes)
         self.http_pick = (
-            HttpPick(self.exchanges, max_body_bytes=opts.max_body_bytes, grace_period=opts.grace_period)
+            HttpPick(self.exchanges, self.handoffs, max_body_bytes=opts.max_body_bytes,
+                     grace_period=opts.grace_period)
             if opts.http_pick_port else None
         )
         self.scraper = MetricsScraper(
@@ -121,6 +124,7 @@ class EppServer:
             timeout=opts.metrics_scrape_timeout,
             path=opts.model_server_metrics_path,
             scheme=opts.model_server_metrics_scheme,
+            verify_tls=not opts.model_server_metrics_insecure_skip_verify,
         )
         self.health = health_aio.HealthServicer()
         self._servers: list[grpc.aio.Server] = []
@@ -153,8 +157,8 @@ class EppServer:
             else:
                 self.initial_endpoints = snap.endpoints
 
-    def _mapping_for(self, ep: Endpoint) -> mappings.EngineMapping:
-        engine = ep.labels.get(mappings.ENGINE_LABEL, self.opts.engine_type)
+    def _mapping_for(self, ep: Endpoint) -> engines.EngineMapping:
+        engine = ep.labels.get(engines.ENGINE_LABEL, self.opts.engine_type)
         return self.engines.get(engine, self.engines[self.opts.engine_type])
 
     async def start(self) -> None:
@@ -208,11 +212,11 @@ class EppServer:
             self.http_pick.serving = serving
 
     async def _pool_metrics_loop(self) -> None:
+        holders = [p for p in self.picker_config.scheduler.plugins if isinstance(p, PrefixIndexHolder)]
         while True:
             self.metrics.update_pool(self.datastore)
-            sc = next((p for p in self.picker_config.scheduler.plugins if hasattr(p, "index")), None)
-            if sc is not None:
-                self.metrics.prefix_indexer_size.set(sc.index.size())  # type: ignore[attr-defined]
+            if holders:
+                self.metrics.prefix_indexer_size.set(sum(p.prefix_index_size() for p in holders))
             await asyncio.sleep(self.opts.refresh_prometheus_metrics_interval)
 
     async def stop(self, grace: float | None = None) -> None:

@@ -28,7 +28,10 @@ def req(objective: str = "", model: str = "m"):
 
 
 def admit(d: Director, r) -> None:
-    d.admission.admit(r, d.candidates(None), NOW)
+    d.admission.resolve(r)
+    error = d.admission.shed(r, d.candidates(None), NOW)
+    if error is not None:
+        raise error
 
 
 def test_priority_comes_from_the_named_objective() -> None:
@@ -75,5 +78,5 @@ def test_rewrite_happens_before_scoring_so_lora_affinity_sees_the_target() -> No
         decision = d.decide(r)
         picked.setdefault(r.target_model, set()).add(decision.endpoint.port)
         d.finish(r, decision)
-        assert orjson.loads(__import__("epp.requests").requests.rewrite_model(r))["model"] == r.target_model
+        assert orjson.loads(r.forwarded_body())["model"] == r.target_model
     assert picked == {"food-review-v1": {1}, "food-review-v2": {2}}

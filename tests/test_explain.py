@@ -11,10 +11,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from epp.stack import free_ports
 from epp import cli, explain
 from epp.datastore import EndpointMetrics
 from epp.server import EppServer, ServeOptions
+from epp.stack import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 # A profile that weighs the scraped queue and KV use (GIE's weights), so set_load decides the pick.

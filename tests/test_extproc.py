@@ -13,8 +13,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from epp.stack import free_ports
 from epp.server import EppServer, ServeOptions
+from epp.stack import free_ports
 
 MODEL = "m"
 FULL = pm.ProcessingMode.FULL_DUPLEX_STREAMED
@@ -278,7 +278,7 @@ async def test_observer_stream_holds_the_request_until_its_response_ends(epp: Ep
     obs = Observer(epp)  # the pick stream has closed; the observer stream opens as Envoy sends on
     obs.send(observer_headers(key), SSE_HEADERS,
              pb.ProcessingRequest(response_body=pb.HttpBody(body=b'data: {"choices":[]}\n\n')))
-    exchange_ = epp.exchanges.open[key]
+    exchange_ = epp.exchanges.open_exchanges[key]
     await until(lambda: exchange_.usage.first_byte_at > 0)
     await asyncio.sleep(3 * epp.opts.observer_grace)  # long past the grace a pick without observer gets
     assert ep.inflight == 1, "a watched request stays in flight while it streams"
@@ -286,7 +286,7 @@ async def test_observer_stream_holds_the_request_until_its_response_ends(epp: Ep
     obs.send(pb.ProcessingRequest(response_body=pb.HttpBody(body=usage, end_of_stream=True)))
     assert await obs.responses() == [], "observability_mode: epp answers nothing and ends the stream"
     assert ep.inflight == 0
-    assert key not in epp.exchanges.open
+    assert key not in epp.exchanges.open_exchanges
     assert sample(epp, "inference_objective_input_tokens_sum") == 51
     assert sample(epp, "inference_objective_request_ttft_seconds_count") == 1
 
@@ -297,7 +297,7 @@ async def test_observer_stream_that_ends_early_releases_the_request(epp: EppServ
     ep, key = epp.datastore.get(dest_header(common)), pick_key(common)
     obs = Observer(epp)
     obs.send(observer_headers(key), SSE_HEADERS)
-    await until(lambda: epp.exchanges.open[key].usage.status == 200)
+    await until(lambda: epp.exchanges.open_exchanges[key].usage.status == 200)
     obs.queue.put_nowait(None)  # the client went away: Envoy closes the observer stream
     await obs.responses()
     assert ep.inflight == 0

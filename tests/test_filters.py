@@ -4,8 +4,9 @@ from collections import Counter
 
 import pytest
 
+from epp.errors import ConfigError
 from epp.scheduling import picker_config
-from epp.scheduling.framework import ConfigError, CycleState
+from epp.scheduling.framework import CycleState
 from epp.scheduling.plugins.least_kv_cache_filter import LeastKvCacheFilter
 from epp.scheduling.plugins.least_queue_filter import LeastQueueFilter
 from epp.scheduling.plugins.lora_affinity_filter import LoraAffinityFilter

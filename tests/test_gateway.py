@@ -13,8 +13,8 @@ import httpx
 import orjson
 import pytest
 
-from epp.stack import Stack, StackOptions, wait_until
 from epp.envoy import EnvoyOptions
+from epp.stack import Stack, StackOptions, wait_until
 
 pytestmark = pytest.mark.integration
 

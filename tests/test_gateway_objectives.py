@@ -13,8 +13,8 @@ from collections import Counter
 import httpx
 import pytest
 
-from epp.stack import Stack, StackOptions, wait_until
 from epp import explain
+from epp.stack import Stack, StackOptions, wait_until
 
 pytestmark = pytest.mark.integration
 

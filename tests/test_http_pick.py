@@ -11,9 +11,9 @@ import pytest
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
-from epp.stack import free_ports
 from epp.rewrites import ModelRewrites, RewriteRule
 from epp.server import EppServer, ServeOptions
+from epp.stack import free_ports
 from tests.test_extproc import body_msg, exchange, headers_msg
 
 MODEL = "m"
@@ -51,7 +51,7 @@ async def test_pick_answers_with_the_endpoint_and_exchange(epp: EppServer) -> No
     dest = r.headers["x-gateway-destination-endpoint"]
     assert dest in epp.opts.endpoints
     assert epp.datastore.get(dest).inflight == 1
-    assert r.headers["x-epp-request-id"] in epp.exchanges.open
+    assert r.headers["x-epp-request-id"] in epp.exchanges.open_exchanges
     assert "x-epp-rewrite-body" not in r.headers
     # No observer claims it here: released after the grace period.
     await asyncio.wait_for(_until(lambda: epp.datastore.get(dest).inflight == 0), 5)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from epp.scheduling.framework import ConfigError
+from epp.errors import ConfigError
 from epp.scheduling.picker_config import default_config, load_text
 
 GIE_STYLE = """\

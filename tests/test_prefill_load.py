@@ -8,7 +8,8 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from epp.scheduling.framework import ConfigError, CycleState, SchedulingResult
+from epp.errors import ConfigError
+from epp.scheduling.framework import CycleState, SchedulingResult
 from epp.scheduling.picker_config import load_text
 from epp.scheduling.plugins.prefill_load_scorer import PrefillLoadScorer
 from epp.scheduling.plugins.prefix_cache_scorer import PrefixCacheScorer

@@ -4,7 +4,7 @@ import orjson
 import pytest
 
 from epp.errors import EppError
-from epp.requests import CHAT, COMPLETIONS, OTHER, new_request, parse_body, request_kind, rewrite_model
+from epp.requests import CHAT, COMPLETIONS, OTHER, new_request, parse_body, request_kind
 
 MODEL = "m"
 
@@ -98,6 +98,6 @@ def test_other_paths_never_fail_on_body() -> None:
 
 def test_rewrite_model_changes_only_the_model() -> None:
     r = parse("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 3})
-    assert rewrite_model(r) is r.body  # unchanged: the very same bytes are forwarded
+    assert r.forwarded_body() is r.body  # unchanged: the very same bytes are forwarded
     r.target_model = "m-lora-v2"
-    assert orjson.loads(rewrite_model(r)) == {"model": "m-lora-v2", "prompt": "x", "max_tokens": 3}
+    assert orjson.loads(r.forwarded_body()) == {"model": "m-lora-v2", "prompt": "x", "max_tokens": 3}

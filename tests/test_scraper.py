@@ -5,13 +5,13 @@ import time
 
 import pytest
 
+from epp.datalayer.engines import ENGINES, parse_spec, with_overrides
+from epp.datalayer.scraper import MetricsParseError, MetricsScraper, extract
+from epp.datastore import Datastore
+from epp.discovery.static import static_endpoints
 from epp.simulator.engine import EngineConfig
 from epp.simulator.server import SimulatedServer
 from epp.stack import free_ports
-from epp.datastore import Datastore
-from epp.discovery.static import static_endpoints
-from epp.metrics.mappings import ENGINES, parse_spec, with_overrides
-from epp.metrics.scraper import MetricsParseError, MetricsScraper, extract
 
 VLLM = """\
 # HELP vllm:num_requests_waiting Number of requests waiting.
@@ -32,7 +32,7 @@ def test_extract_vllm_with_older_kv_name_and_newest_lora_series() -> None:
     assert m.active_adapters == {"a", "b", "c"}
     assert m.waiting_adapters == {"d"}
     assert m.max_lora == 4
-    assert (m.block_size, m.num_gpu_blocks, m.scraped_at) == (16, 9000, 5.0)
+    assert m.scraped_at == 5.0
     assert missing == []
 
 
@@ -44,7 +44,7 @@ def test_extract_trtllm_label_specs() -> None:
         'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="tokens_per"} 32\n'
     )
     m, _ = extract(text, ENGINES["trtllm-serve"], now=0)
-    assert (m.waiting, m.running, m.kv_usage, m.block_size) == (2, 5, pytest.approx(0.3), 32)
+    assert (m.waiting, m.running, m.kv_usage) == (2, 5, pytest.approx(0.3))
 
 
 def test_metric_name_flags_override() -> None:
@@ -99,7 +99,7 @@ async def test_scrapes_real_servers_and_survives_a_hanging_and_a_broken_one() ->
 async def test_oversized_and_unreachable_metrics_are_errors_not_crashes(monkeypatch: pytest.MonkeyPatch) -> None:
     from aiohttp import web
 
-    import epp.metrics.scraper as scraper_mod
+    import epp.datalayer.scraper as scraper_mod
 
     monkeypatch.setattr(scraper_mod, "MAX_METRICS_BYTES", 10_000)
     big = "vllm:num_requests_waiting 1\n" + "# padding\n" * 2000

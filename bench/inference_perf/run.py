@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from epp.stack import Stack, StackOptions
 from bench.workloads import BASE_MODEL
+from epp.stack import Stack, StackOptions
 
 HERE = Path(__file__).resolve().parent
 

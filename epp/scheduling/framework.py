@@ -4,7 +4,8 @@ A scheduling cycle runs one profile: filters narrow the candidates, each scorer
 gives every candidate a score in [0, 1], the weighted sum goes to the picker.
 Request-lifecycle hooks let a plugin learn what was sent (`PreRequest`) and when it
 finished (`ResponseComplete`). A plugin is one file that subclasses one or more of
-these and registers itself by GIE's `type` name (see `registry`).
+these, names its GIE `type`, and has one entry in `registry.BUILT_IN`. The hooks a
+plugin takes part in are the interfaces it subclasses, never methods looked up by name.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from epp.datastore import Endpoint, EndpointMetrics
+from epp.errors import ConfigError
 from epp.requests import InferenceRequest
-
-
-class ConfigError(ValueError):
-    """A configuration problem found at start-up; the message names where."""
+from epp.scheduling.params import Params
 
 
 class CycleState:
@@ -42,6 +41,7 @@ class Plugin:
     """Base of every plugin: a GIE type name and an instance name (defaults to the type)."""
 
     type_name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()  # older releases' names for the same type
 
     def __init__(self, name: str = "") -> None:
         self.name = name or self.type_name
@@ -82,7 +82,15 @@ class Picker(Plugin, ABC):
         ...
 
 
-class CountedPicker(Picker):
+class Seeded(ABC):
+    """A plugin that draws random numbers: `--seed` reseeds it, so tests and benchmarks repeat."""
+
+    @abstractmethod
+    def reseed(self, seed: int) -> None:
+        ...
+
+
+class CountedPicker(Picker, Seeded):
     """A picker that returns up to `maxNumOfEndpoints` endpoints (the pick, then fallbacks), with a seedable rng."""
 
     def __init__(self, name: str = "", *, max_endpoints: int = 1, seed: int | None = None) -> None:
@@ -90,10 +98,11 @@ class CountedPicker(Picker):
         self.max_endpoints = max_endpoints
         self.rng = random.Random(seed)
 
+    def reseed(self, seed: int) -> None:
+        self.rng.seed(seed)
+
     @classmethod
     def from_parameters(cls, name: str, params: dict[str, Any]) -> Plugin:
-        from epp.scheduling.params import Params
-
         p = Params(cls.type_name, params)
         max_endpoints = p.int("maxNumOfEndpoints", 1, minimum=1)
         p.done()
@@ -124,6 +133,22 @@ class ResponseComplete(ABC):
 
     @abstractmethod
     def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None:
+        ...
+
+
+class EndpointsChanged(ABC):
+    """Told when endpoints join or leave the pool (to drop what it remembers about them)."""
+
+    @abstractmethod
+    def endpoints_changed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        ...
+
+
+class PrefixIndexHolder(ABC):
+    """Keeps an index of which prefixes each server holds; its size is reported as a metric."""
+
+    @abstractmethod
+    def prefix_index_size(self) -> int:
         ...
 
 

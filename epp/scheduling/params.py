@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from epp.scheduling.framework import ConfigError
+from epp.errors import ConfigError
 
 
 class Params:

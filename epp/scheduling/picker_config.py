@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from epp.durations import parse_duration
+from epp.errors import ConfigError
 from epp.scheduling import registry
-from epp.scheduling.framework import ConfigError, Filter, Picker, Plugin, Scorer, WeightedScorer
+from epp.scheduling.framework import Filter, Picker, Plugin, Scorer, Seeded, WeightedScorer
 from epp.scheduling.scheduler import Scheduler, SchedulingProfile
 from epp.yaml_lines import YamlError, load_documents
 from epp.yaml_lines import where as _where
@@ -95,8 +96,6 @@ class SaturationConfig:
 class PickerConfig:
     scheduler: Scheduler
     saturation: SaturationConfig = field(default_factory=SaturationConfig)
-    feature_gates: list[str] = field(default_factory=list)
-    source: str = "default"
 
 
 def load_text(text: str, source: str = "<config>", *, seed: int | None = None) -> PickerConfig:
@@ -178,8 +177,8 @@ def _build(doc: dict[str, Any], source: str, seed: int | None) -> PickerConfig:
             plugin = registry.create(ptype, name, params)
         except (ConfigError, ValueError) as e:
             raise fail(spec, str(e)) from None
-        if seed is not None and hasattr(plugin, "rng"):
-            plugin.rng.seed(seed)
+        if seed is not None and isinstance(plugin, Seeded):
+            plugin.reseed(seed)
         plugins[name] = plugin
 
     for spec in specs:
@@ -198,7 +197,7 @@ def _build(doc: dict[str, Any], source: str, seed: int | None) -> PickerConfig:
     profiles = []
     for pspec in profiles_spec:
         profiles.append(_profile(pspec, plugins, fail))
-    return PickerConfig(Scheduler(profiles, list(plugins.values())), saturation, list(gates), source)
+    return PickerConfig(Scheduler(profiles, list(plugins.values())), saturation)
 
 
 def _profile(pspec: Any, plugins: dict[str, Plugin], fail: Any) -> SchedulingProfile:

@@ -86,6 +86,3 @@ class PrefixIndex:
         """Blocks recorded for one server: how much of its cache epp's traffic has claimed."""
         lru = self._servers.get(server)
         return len(lru) if lru is not None else 0
-
-    def servers(self) -> list[str]:
-        return list(self._servers)

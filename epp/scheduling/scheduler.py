@@ -13,6 +13,7 @@ from epp.datastore import Endpoint
 from epp.requests import InferenceRequest
 from epp.scheduling.framework import (
     CycleState,
+    EndpointsChanged,
     Filter,
     Picker,
     Plugin,
@@ -65,12 +66,11 @@ class Scheduler:
         self._pre_request = [p for p in plugins if isinstance(p, PreRequest)]
         self._response_started = [p for p in plugins if isinstance(p, ResponseStarted)]
         self._response_complete = [p for p in plugins if isinstance(p, ResponseComplete)]
+        self._endpoints_changed = [p for p in plugins if isinstance(p, EndpointsChanged)]
 
     def schedule(
         self, request: InferenceRequest, candidates: list[Endpoint], now: float, staleness: float
     ) -> tuple[SchedulingResult, CycleState]:
-        if not candidates:
-            raise errors.EppError(errors.SERVICE_UNAVAILABLE, "no ready endpoint in the pool", reason="no_endpoint")
         state = CycleState(now, staleness)
         # single-profile-handler: the first (only) profile decides.
         return self.profiles[0].run(state, request, candidates), state
@@ -88,7 +88,5 @@ class Scheduler:
             p.response_complete(request, endpoint)
 
     def endpoints_changed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
-        for p in self.plugins:
-            hook = getattr(p, "endpoints_changed", None)
-            if hook is not None:
-                hook(added, removed)
+        for p in self._endpoints_changed:
+            p.endpoints_changed(added, removed)

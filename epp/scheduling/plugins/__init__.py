@@ -1,1 +1,1 @@
-"""Built-in plugins, one per file; each registers its GIE type name on import."""
+"""Built-in plugins, one per file; `epp.scheduling.registry.BUILT_IN` lists them."""

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from epp.datastore import Endpoint
+from epp.errors import ConfigError
 from epp.requests import InferenceRequest
-from epp.scheduling.framework import ConfigError, CycleState, Filter, Plugin
-from epp.scheduling.registry import register
+from epp.scheduling.framework import CycleState, Filter, Plugin
 
 _BRANCHES = ("nextOnSuccess", "nextOnFailure", "nextOnSuccessOrFailure")
 
@@ -51,8 +51,9 @@ def _check(tree: Any, path: str) -> None:
             raise ConfigError(f"{where}.pluginRef must be a plugin name")
 
 
-@register("decision-tree-filter")
 class DecisionTreeFilter(Filter):
+    type_name = "decision-tree-filter"
+
     def __init__(self, name: str = "", *, tree: dict[str, Any]) -> None:
         super().__init__(name)
         _check(tree, f"plugin {name!r} parameters")

@@ -8,11 +8,12 @@ from __future__ import annotations
 from epp.datastore import Endpoint
 from epp.requests import InferenceRequest
 from epp.scheduling.framework import CycleState, Scorer
-from epp.scheduling.registry import register
 
 
-@register("kv-cache-utilization-scorer", "kv-cache-scorer")
 class KVCacheUtilizationScorer(Scorer):
+    type_name = "kv-cache-utilization-scorer"
+    aliases = ("kv-cache-scorer",)
+
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         out = []
         for ep in endpoints:

@@ -6,10 +6,10 @@ from epp.datastore import Endpoint
 from epp.requests import InferenceRequest
 from epp.scheduling.filtering import near_minimum
 from epp.scheduling.framework import CycleState, Filter
-from epp.scheduling.registry import register
 
 
-@register("least-queue-filter")
 class LeastQueueFilter(Filter):
+    type_name = "least-queue-filter"
+
     def filter(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
         return near_minimum(state, endpoints, lambda m: m.waiting)

@@ -12,17 +12,20 @@ from typing import Any
 
 from epp.datastore import Endpoint
 from epp.requests import InferenceRequest
-from epp.scheduling.framework import CycleState, Filter, Plugin
+from epp.scheduling.framework import CycleState, Filter, Plugin, Seeded
 from epp.scheduling.params import Params
-from epp.scheduling.registry import register
 
 
-@register("lora-affinity-filter")
-class LoraAffinityFilter(Filter):
+class LoraAffinityFilter(Filter, Seeded):
+    type_name = "lora-affinity-filter"
+
     def __init__(self, name: str = "", *, threshold: float = 0.999, seed: int | None = None) -> None:
         super().__init__(name)
         self.threshold = threshold
         self.rng = random.Random(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.rng.seed(seed)
 
     @classmethod
     def from_parameters(cls, name: str, params: dict[str, Any]) -> Plugin:

@@ -8,11 +8,11 @@ from __future__ import annotations
 from epp.datastore import Endpoint
 from epp.requests import InferenceRequest
 from epp.scheduling.framework import CycleState, Scorer
-from epp.scheduling.registry import register
 
 
-@register("lora-affinity-scorer")
 class LoraAffinityScorer(Scorer):
+    type_name = "lora-affinity-scorer"
+
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         model = request.target_model
         out = []

@@ -13,11 +13,11 @@ from epp.datastore import Endpoint
 from epp.requests import InferenceRequest
 from epp.scheduling.framework import CycleState, Filter, Plugin
 from epp.scheduling.params import Params
-from epp.scheduling.registry import register
 
 
-@register("low-queue-filter")
 class LowQueueFilter(Filter):
+    type_name = "low-queue-filter"
+
     def __init__(self, name: str = "", *, threshold: int = 128) -> None:
         super().__init__(name)
         self.threshold = threshold

@@ -9,11 +9,11 @@ from __future__ import annotations
 from epp.datastore import Endpoint
 from epp.requests import InferenceRequest
 from epp.scheduling.framework import CountedPicker, CycleState
-from epp.scheduling.registry import register
 
 
-@register("max-score-picker")
 class MaxScorePicker(CountedPicker):
+    type_name = "max-score-picker"
+
     def pick(
         self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint], scores: list[float]
     ) -> list[Endpoint]:

@@ -34,10 +34,11 @@ from collections.abc import Callable
 from typing import Any
 
 from epp.datastore import Endpoint
+from epp.errors import ConfigError
 from epp.requests import InferenceRequest
 from epp.scheduling.framework import (
-    ConfigError,
     CycleState,
+    EndpointsChanged,
     Plugin,
     PreRequest,
     ResponseComplete,
@@ -47,14 +48,14 @@ from epp.scheduling.framework import (
 )
 from epp.scheduling.params import Params
 from epp.scheduling.plugins.prefix_cache_scorer import AVERAGE_CHARS_PER_TOKEN, PrefixCacheScorer
-from epp.scheduling.registry import register
 
 _COST_KEY = "prefill-load.cost"
 _MAX_KNOWN_ADAPTERS = 4096
 
 
-@register("prefill-load-scorer")
-class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete):
+class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, EndpointsChanged):
+    type_name = "prefill-load-scorer"
+
     def __init__(self, name: str = "", *, prefix_scorer: str = "prefix-cache-scorer", token_scale: int = 1024,
                  occupancy_tokens: int = 512, lora_load_tokens: int = 2048) -> None:
         super().__init__(name)

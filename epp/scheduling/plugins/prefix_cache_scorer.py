@@ -11,18 +11,26 @@ from typing import Any
 
 from epp.datastore import Endpoint
 from epp.requests import InferenceRequest
-from epp.scheduling.framework import CycleState, Plugin, PreRequest, SchedulingResult, Scorer
+from epp.scheduling.framework import (
+    CycleState,
+    EndpointsChanged,
+    Plugin,
+    PrefixIndexHolder,
+    PreRequest,
+    SchedulingResult,
+    Scorer,
+)
 from epp.scheduling.params import Params
 from epp.scheduling.prefix_index import PrefixIndex, block_hashes
-from epp.scheduling.registry import register
 
 AVERAGE_CHARS_PER_TOKEN = 4  # GIE's approximation; the EPP never tokenizes.
 _STATE_KEY = "prefix-cache.hashes"
 _MATCHED_KEY = "prefix-cache.matched"
 
 
-@register("prefix-cache-scorer")
-class PrefixCacheScorer(Scorer, PreRequest):
+class PrefixCacheScorer(Scorer, PreRequest, EndpointsChanged, PrefixIndexHolder):
+    type_name = "prefix-cache-scorer"
+
     def __init__(
         self,
         name: str = "",
@@ -92,3 +100,6 @@ class PrefixCacheScorer(Scorer, PreRequest):
     def endpoints_changed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         for ep in removed:
             self.index.remove_server(ep.hostport)
+
+    def prefix_index_size(self) -> int:
+        return self.index.size()

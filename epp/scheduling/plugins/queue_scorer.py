@@ -9,11 +9,11 @@ from __future__ import annotations
 from epp.datastore import Endpoint
 from epp.requests import InferenceRequest
 from epp.scheduling.framework import CycleState, Scorer
-from epp.scheduling.registry import register
 
 
-@register("queue-scorer")
 class QueueScorer(Scorer):
+    type_name = "queue-scorer"
+
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         queues = []
         for ep in endpoints:

@@ -9,11 +9,12 @@ from __future__ import annotations
 from epp.datastore import Endpoint
 from epp.requests import InferenceRequest
 from epp.scheduling.framework import CycleState, Scorer
-from epp.scheduling.registry import register
 
 
-@register("running-requests-scorer", "running-requests-size-scorer", "inflight-scorer")
 class RunningRequestsScorer(Scorer):
+    type_name = "running-requests-scorer"
+    aliases = ("running-requests-size-scorer", "inflight-scorer",)
+
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         counts = [ep.inflight for ep in endpoints]
         lo, hi = min(counts), max(counts)

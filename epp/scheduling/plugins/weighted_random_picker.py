@@ -11,11 +11,11 @@ from __future__ import annotations
 from epp.datastore import Endpoint
 from epp.requests import InferenceRequest
 from epp.scheduling.framework import CountedPicker, CycleState
-from epp.scheduling.registry import register
 
 
-@register("weighted-random-picker")
 class WeightedRandomPicker(CountedPicker):
+    type_name = "weighted-random-picker"
+
     def pick(
         self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint], scores: list[float]
     ) -> list[Endpoint]:

@@ -21,8 +21,8 @@ from collections.abc import Callable
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from epp.datalayer.engines import EngineMapping, MetricSpec
 from epp.datastore import Datastore, Endpoint, EndpointMetrics
-from epp.metrics.mappings import EngineMapping, MetricSpec
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +91,6 @@ def extract(text: str, mapping: EngineMapping, now: float) -> tuple[EndpointMetr
                 max_lora = 0
             break
 
-    block_size = num_blocks = None
-    for spec in mapping.cache_info:
-        for labels, _ in samples.get(spec.name, ()):
-            if spec.matches(labels):
-                block_size = _int_or_none(labels.get("block_size"))
-                num_blocks = _int_or_none(labels.get("num_gpu_blocks"))
-                break
-    if block_size is None and mapping.cache_block_size:
-        v = _first(samples, mapping.cache_block_size)
-        block_size = int(v) if v is not None else None
-    if num_blocks is None and mapping.cache_num_blocks:
-        v = _first(samples, mapping.cache_num_blocks)
-        num_blocks = int(v) if v is not None else None
-
     kv = values["kv_usage"] or 0.0
     m = EndpointMetrics(
         waiting=int(values["queue"] or 0),
@@ -113,8 +99,6 @@ def extract(text: str, mapping: EngineMapping, now: float) -> tuple[EndpointMetr
         active_adapters=active,
         waiting_adapters=waiting,
         max_lora=max_lora,
-        block_size=block_size,
-        num_gpu_blocks=num_blocks,
         scraped_at=now,
     )
     return m, missing
@@ -130,13 +114,6 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
         if len(body) > MAX_METRICS_BYTES:
             raise MetricsParseError(f"metrics response of more than {MAX_METRICS_BYTES} bytes is too large")
     return bytes(body)
-
-
-def _int_or_none(text: str | None) -> int | None:
-    try:
-        return int(text) if text else None
-    except ValueError:
-        return None
 
 
 class MetricsScraper:

@@ -52,15 +52,11 @@ class EngineMapping:
     running: tuple[MetricSpec, ...]
     kv_usage: tuple[MetricSpec, ...]
     lora_info: tuple[MetricSpec, ...] = ()
-    cache_info: tuple[MetricSpec, ...] = ()
-    cache_block_size: tuple[MetricSpec, ...] = ()
-    cache_num_blocks: tuple[MetricSpec, ...] = ()
     names: frozenset[str] = field(default=frozenset(), compare=False)
 
     def with_names(self) -> EngineMapping:
         all_specs = (
-            self.queue + self.running + self.kv_usage + self.lora_info + self.cache_info
-            + self.cache_block_size + self.cache_num_blocks
+            self.queue + self.running + self.kv_usage + self.lora_info
         )
         return replace(self, names=frozenset(s.name for s in all_specs))
 
@@ -71,20 +67,16 @@ ENGINES: dict[str, EngineMapping] = {
         running=_specs("vllm:num_requests_running"),
         kv_usage=_specs("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
         lora_info=_specs("vllm:lora_requests_info"),
-        cache_info=_specs("vllm:cache_config_info"),
     ).with_names(),
     "sglang": EngineMapping(
         queue=_specs("sglang:num_queue_reqs"),
         running=_specs("sglang:num_running_reqs"),
         kv_usage=_specs("sglang:token_usage"),
-        cache_info=_specs("sglang:cache_config_info"),
     ).with_names(),
     "trtllm-serve": EngineMapping(
         queue=_specs("nv_trt_llm_request_metrics{request_type=waiting}"),
         running=_specs("nv_trt_llm_request_metrics{request_type=scheduled}"),
         kv_usage=_specs("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}"),
-        cache_block_size=_specs("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=tokens_per}"),
-        cache_num_blocks=_specs("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=max}"),
     ).with_names(),
 }
 
@@ -96,13 +88,12 @@ def with_overrides(
     running: str | None = None,
     kv_usage: str | None = None,
     lora_info: str | None = None,
-    cache_info: str | None = None,
 ) -> EngineMapping:
     """Apply GIE's --total-queued-requests-metric style flags."""
     changes = {}
     for key, value in (
         ("queue", queue), ("running", running), ("kv_usage", kv_usage),
-        ("lora_info", lora_info), ("cache_info", cache_info),
+        ("lora_info", lora_info),
     ):
         if value:
             changes[key] = _specs(value)

@@ -1,14 +1,22 @@
 """The EPP's own Prometheus metrics, with the Go EPP's names and labels.
 
 Dashboards and alerts built for the Go EPP keep working: the names below are
-GIE's (inference_objective_*, inference_pool_*, inference_extension_*).
+GIE's (inference_objective_*, inference_pool_*, inference_extension_*). The request
+path calls the recording methods (`picked`, `rejected`, `finished`, ...) and never
+touches labels itself. Model-server metrics, which epp reads, are the data layer's
+(`epp.datalayer`).
 """
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from epp.datastore import Datastore
+from epp import errors
+from epp.datastore import Datastore, Endpoint
+from epp.requests import INFERENCE_KINDS, InferenceRequest
+from epp.usage import Usage
 
 _LATENCY = (
     0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 45, 60,
@@ -109,6 +117,46 @@ class EppMetrics:
         )
         self.info.labels(commit="", build_ref="epp").set(1)
 
+    # --- recording, called by the request path ------------------------------------
+    def picked(self, req: InferenceRequest, body_size: int) -> None:
+        """An inference request got its pick and goes to a server."""
+        if req.kind in INFERENCE_KINDS:
+            self.request_total.labels(req.model, req.target_model, str(req.priority)).inc()
+            self.request_sizes.labels(req.model, req.target_model).observe(body_size)
+            self.running_requests.labels(req.model).inc()
+
+    def rejected(self, req: InferenceRequest, code: str) -> None:
+        """A request ended with an error of epp's instead of a pick."""
+        self.request_error_total.labels(req.model, req.target_model or req.model, code).inc()
+
+    def finished(self, req: InferenceRequest, usage: Usage, received_at: float) -> None:
+        """A picked request's response ended (or its stream did): once per `picked` request."""
+        if req.kind not in INFERENCE_KINDS or req.parsed is None:
+            return  # only parsed inference requests were counted in `picked`
+        model, target = req.model, req.target_model
+        self.running_requests.labels(model).dec()
+        if not usage.status:
+            return  # ended before any response: nothing more to record
+        if usage.status >= 400:
+            self.request_error_total.labels(model, target, errors.MODEL_SERVER_ERROR).inc()
+            return
+        self.request_duration.labels(model, target).observe(time.monotonic() - received_at)
+        if usage.first_byte_at:
+            self.request_ttft.labels(model, target).observe(usage.first_byte_at - received_at)
+        self.response_sizes.labels(model, target).observe(usage.size)
+        if usage.prompt_tokens is not None:
+            self.input_tokens.labels(model, target).observe(usage.prompt_tokens)
+        if usage.completion_tokens is not None:
+            self.output_tokens.labels(model, target).observe(usage.completion_tokens)
+
+    def scheduled(self, req: InferenceRequest, ep: Endpoint, seconds: float) -> None:
+        self.scheduler_e2e.observe(seconds)
+        self.scheduler_attempts.labels("success", req.target_model, ep.name, "", str(ep.port)).inc()
+
+    def rewritten(self, rewrite: str, req: InferenceRequest) -> None:
+        self.model_rewrites.labels(rewrite, req.model, req.target_model).inc()
+
+    # --- serving and periodic gauges -------------------------------------------------
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose /metrics over HTTP from a background thread."""
         start_http_server(port, addr=addr, registry=self.registry)

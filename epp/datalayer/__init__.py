@@ -1,0 +1,1 @@
+"""The data layer: what epp learns from the model servers themselves (scraped /metrics, per-engine names)."""

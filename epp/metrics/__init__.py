@@ -1,1 +1,0 @@
-"""Model-server metrics (scraping, per-engine names) and the EPP's own Prometheus metrics."""
