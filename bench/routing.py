@@ -21,8 +21,8 @@ first token, read from the engine) and "path": the mean client TTFT minus the me
 TTFT, what the gateway, the pick and the client's own loop add. Routing quality shows in the
 first; the hop shows in the second.
 
-With --repeat N, each workload is run N times over all routers in turn (router A, B, C,
-then A, B, C again), so slow drifts of the machine hit every router alike; the table then
+With --repeat N, each workload is run N times over all routers in turn, each round starting one
+router later (A, B, C, then B, C, A), so slow drifts of the machine hit every router alike; the table then
 shows each metric's median over the rounds, and every round's p90 TTFT beside it.
 
 The simulators run in this process (so the oracle can read them); Envoy, epp and the

@@ -5,7 +5,7 @@ HTTP/1.1 request on a kept-alive connection. epp answers 200 with the pick in re
 headers (x-gateway-destination-endpoint, x-epp-request-id), which ext_authz copies onto the
 upstream request, or with an OpenAI-style error that Envoy returns to the client as is.
 One request and one answer, handled on epp's event loop, cost a fraction of an ext_proc
-gRPC stream, whose every message crosses grpc's threads (see README, "Envoy layouts").
+gRPC stream, whose every message crosses grpc's threads (docs/design.md, "Why the HTTP pick layout exists").
 
 ext_authz cannot change the body, and turns any 5xx of its server into its own bodiless
 status. When the pool rewrites the model, or epp's answer is a 5xx error, the answer is

@@ -34,7 +34,7 @@ KIND = "EndpointPickerConfig"
 # GIE's default also weighs the scraped waiting queue (2) and KV-cache usage (2). Min-max normalised,
 # one more waiting request moves a pick two thirds as far as a whole prefix match. Under high load
 # they pushed requests off the servers holding their prefixes, the misses evicted other prefixes,
-# and the pool fell into cache thrash (README, "How epp picks"). Both remain for configs that want them.
+# and the pool fell into cache thrash (docs/design.md). Both remain for configs that want them.
 DEFAULT_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -182,10 +182,10 @@ def _build(doc: dict[str, Any], source: str, seed: int | None) -> PickerConfig:
         plugins[name] = plugin
 
     for spec in specs:
-        plugin = plugins.get(spec.get("name") or spec.get("type"))
-        if plugin is not None:
+        bound = plugins.get(spec.get("name") or spec.get("type"))
+        if bound is not None:
             try:
-                plugin.bind(plugins.get)
+                bound.bind(plugins.get)
             except ConfigError as e:
                 raise fail(spec, str(e)) from None
 
