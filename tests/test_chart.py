@@ -12,8 +12,11 @@ fields we set. The render is what `helm install` would send; no cluster is invol
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +263,62 @@ def check_schema(doc: dict[str, Any]) -> None:
             pytest.fail(f"{key} {doc['metadata'].get('name')} is invalid for Kubernetes {version}: {e.message}")
 
 
+# ---- the same kinds against published schemas (npm's kubernetes-models) ------------------------
+# Gateway API, GKE, Istio and Prometheus Operator publish their CRDs; the kubernetes-models
+# packages compile them into validators. They check types, enums and limits (not unknown fields,
+# which SCHEMAS does). Installed once into build/ with npm, pinned.
+
+NPM_MODELS = ("@kubernetes-models/gateway-api@2.0.0", "@kubernetes-models/gke@4.6.2",
+              "@kubernetes-models/istio@3.0.1", "@kubernetes-models/prometheus-operator@6.0.0")
+PUBLISHED = {
+    "gateway.networking.k8s.io/v1/Gateway": "@kubernetes-models/gateway-api/gateway.networking.k8s.io/v1/Gateway",
+    "gateway.networking.k8s.io/v1/HTTPRoute": "@kubernetes-models/gateway-api/gateway.networking.k8s.io/v1/HTTPRoute",
+    "networking.gke.io/v1/HealthCheckPolicy": "@kubernetes-models/gke/networking.gke.io/v1/HealthCheckPolicy",
+    "networking.gke.io/v1/GCPBackendPolicy": "@kubernetes-models/gke/networking.gke.io/v1/GCPBackendPolicy",
+    "networking.istio.io/v1beta1/DestinationRule":
+        "@kubernetes-models/istio/networking.istio.io/v1beta1/DestinationRule",
+    "monitoring.coreos.com/v1/ServiceMonitor":
+        "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor",
+}
+VALIDATOR = """
+import { readFileSync } from "node:fs";
+const models = JSON.parse(process.argv[2]);
+const out = [];
+for (const doc of JSON.parse(readFileSync(0, "utf8"))) {
+  const kind = (await import(models[`${doc.apiVersion}/${doc.kind}`]))[doc.kind];
+  try { new kind(doc).validate(); out.push(null); } catch (e) { out.push(String(e.message)); }
+}
+process.stdout.write(JSON.stringify(out));
+"""
+
+
+@pytest.fixture(scope="session")
+def published_schemas():
+    """validate(docs) -> one error message (or None) per doc, from the published validators."""
+    if shutil.which("npm") is None or shutil.which("node") is None:
+        pytest.skip("node and npm are needed for the published Gateway API / GKE / Istio schemas")
+    where = ROOT / "build" / "k8s-models"
+    stamp = where / "installed.json"
+    if not stamp.exists() or json.loads(stamp.read_text()) != list(NPM_MODELS):
+        where.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "install", "--prefix", str(where), "--no-audit", "--no-fund", "--loglevel=error",
+                        *NPM_MODELS], check=True, capture_output=True, timeout=300)
+        stamp.write_text(json.dumps(list(NPM_MODELS)))
+    script = where / "validate.mjs"
+    script.write_text(VALIDATOR)
+
+    def validate(docs: list[dict[str, Any]]) -> list[str | None]:
+        done = subprocess.run(["node", str(script), json.dumps(PUBLISHED)], input=json.dumps(docs), text=True,
+                              capture_output=True, check=True, timeout=60)
+        return json.loads(done.stdout)
+
+    return validate
+
+
+def published(doc: dict[str, Any]) -> bool:
+    return f"{doc.get('apiVersion')}/{doc.get('kind')}" in PUBLISHED
+
+
 # ---- values sets an operator would use -------------------------------------------------------
 
 GIE_V15_VALUES = yaml.safe_load("""
@@ -464,6 +523,21 @@ def test_every_example_is_schema_valid():
     assert {f for f, _ in docs} == {p.name for p in EXAMPLES.glob("*.yaml")}
     for _, doc in docs:
         check_schema(doc)
+
+
+def test_gateway_gke_istio_and_monitor_kinds_pass_their_published_schemas(rendered, published_schemas):
+    docs = [d for name in sorted(rendered) for d in rendered[name] if published(d)]
+    docs += [d for _, d in example_docs() if published(d)]
+    assert {f"{d['apiVersion']}/{d['kind']}" for d in docs} == set(PUBLISHED)
+    errors = published_schemas(docs)
+    assert [(d["kind"], d["metadata"]["name"], e) for d, e in zip(docs, errors, strict=True) if e] == []
+    # They do reject what the Gateway API does not allow: the rollout guide's `rules:` as a mapping.
+    (route,) = [d for f, d in example_docs() if f == "rollout-node-update.yaml" and d["kind"] == "HTTPRoute"]
+    bad = copy.deepcopy(route)
+    bad["spec"]["rules"] = bad["spec"]["rules"][0]
+    bad_policy = copy.deepcopy(one(rendered["gke"], "HealthCheckPolicy"))
+    bad_policy["spec"]["default"]["config"]["type"] = "HTTP3"
+    assert all(published_schemas([bad, bad_policy]))
 
 
 def test_schema_checks_catch_mistakes():
