@@ -6,7 +6,9 @@ monitoring, autoscaling, and upstream's own values layouts (GIE v1.0 and v1.5, l
 Every rendered object and every example is schema-checked: core kinds with `kubernetes-validate`'s
 Kubernetes schemas, the CRD kinds (InferencePool, objectives, rewrites, Gateway API, GKE and
 Istio policies, monitors) with structural schemas below that encode the CRDs' constraints on the
-fields we set. The render is what `helm install` would send; no cluster is involved.
+fields we set, and the Gateway API, GKE, Istio and Prometheus Operator kinds also with the
+validators their published CRDs compile to (npm's kubernetes-models). The render is what
+`helm install` would send; no cluster is involved.
 """
 
 from __future__ import annotations
