@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -599,6 +600,8 @@ def test_default_args_are_upstreams(rendered):
 
 def test_image_defaults_to_epp_at_the_charts_app_version(rendered):
     app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    # The chart's default tag is the version of the epp it was written for.
+    assert app_version == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     container = epp_container(rendered["defaults"])
     assert container["image"] == f"epp:{app_version}"
     assert container["imagePullPolicy"] == "IfNotPresent"
