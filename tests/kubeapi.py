@@ -263,6 +263,7 @@ class KubeApi:
         self.history = history
         self.bookmark_interval = bookmark_interval
         self.calls: list[Call] = []
+        self.reviews: list[dict[str, Any]] = []  # the spec of every TokenReview / SubjectAccessReview asked
         self._objects: dict[tuple[Kind, str, str], dict[str, Any]] = {}
         self._events: deque[_Event] = deque()
         self._rv = 100
@@ -840,6 +841,7 @@ class KubeApi:
 
     def _review(self, k: Kind, body: dict[str, Any]) -> dict[str, Any]:
         spec = body.get("spec") or {}
+        self.reviews.append({"kind": k.kind, **spec})
         out = {"kind": k.kind, "apiVersion": k.api_version, "metadata": {"creationTimestamp": None}, "spec": spec}
         if k.plural == "tokenreviews":
             who = self._tokens.get(str(spec.get("token") or ""))
