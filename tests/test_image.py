@@ -1,0 +1,247 @@
+"""epp's container image, built with deploy/image/build and run as a cluster runs it.
+
+Each container runs with `--network host --read-only --tmpfs /tmp --user 65532` (the upstream
+chart's EPP container: non-root, read-only root filesystem) next to simulated model servers and a
+real Envoy on the host's loopback. `run_epp` starts one with the given args and env and removes
+it afterwards, so a new case is one test function.
+
+Needs a Docker daemon (.ci/docker starts one): without one these tests fail where CI is set, and
+are skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from epp.envoy import EnvoyOptions, EnvoyProcess
+from epp.extproc.processor import SERVICE
+from epp.stack import Stack, StackOptions, free_ports, wait_until
+from tests.test_tls import TLS_EPP, TlsEnvoy, handshake
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = os.environ.get("EPP_TEST_IMAGE", "epp:test")
+BASE = "epp-base:bookworm"
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+SITE = "opt/epp/lib/python3.11/site-packages"
+RUN_AS_THE_CLUSTER_DOES = ["--network", "host", "--read-only", "--tmpfs", "/tmp", "--user", "65532"]
+
+
+def _docker_unavailable() -> str | None:
+    if shutil.which("docker") is None:
+        return "no docker command"
+    r = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
+                       timeout=30)
+    return None if r.returncode == 0 else f"no Docker daemon answers: {r.stderr.strip()[-300:]}"
+
+
+def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args[:3])}... failed ({r.returncode}): {r.stderr[-2000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    reason = _docker_unavailable()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"the image tests need Docker in CI (run .ci/docker first): {reason}")
+        pytest.skip(reason)
+    r = subprocess.run([str(REPO / "deploy/image/build"), "--tag", IMAGE], capture_output=True, text=True,
+                       timeout=900, cwd=REPO)
+    assert r.returncode == 0, f"deploy/image/build failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return IMAGE
+
+
+@dataclass
+class EppPorts:
+    grpc: int
+    health: int
+    metrics: int
+    http_pick: int
+
+    @classmethod
+    def free(cls) -> EppPorts:
+        return cls(*free_ports(4))
+
+    def flags(self) -> list[str]:
+        return ["--grpc-port", str(self.grpc), "--grpc-health-port", str(self.health),
+                "--metrics-port", str(self.metrics), "--http-pick-port", str(self.http_pick),
+                "--bind-address", "127.0.0.1"]
+
+
+@dataclass
+class Container:
+    name: str
+    ports: EppPorts
+    args: list[str] = field(default_factory=list)
+
+    def logs(self) -> str:
+        r = docker("logs", self.name, check=False)
+        return (r.stdout + r.stderr)[-6000:]
+
+    def running(self) -> bool:
+        r = docker("inspect", "-f", "{{.State.Running}}", self.name, check=False)
+        return r.stdout.strip() == "true"
+
+    def wait_serving(self, timeout: float = 60) -> None:
+        wait_until(lambda: not self.running() or health(self.ports.health) == "SERVING", timeout,
+                   f"epp's health in {self.name}")
+        assert self.running(), f"epp exited:\n{self.logs()}"
+
+
+@pytest.fixture
+def run_epp(image) -> Iterator[Callable[..., Container]]:
+    """Runs the image as the cluster does, with these args (after the ports) and env; removed after the test."""
+    started: list[Container] = []
+
+    def run(args: list[str], *, env: dict[str, str] | None = None, ports: EppPorts | None = None,
+            entrypoint: list[str] | None = None, volumes: dict[str, str] | None = None) -> Container:
+        ports = ports or EppPorts.free()
+        c = Container(f"epp-test-{uuid.uuid4().hex[:10]}", ports, args)
+        opts = [f"--env={k}={v}" for k, v in (env or {}).items()]
+        opts += [f"--volume={host}:{inside}:ro" for host, inside in (volumes or {}).items()]
+        cmd = list(entrypoint or [])
+        if entrypoint:
+            opts += ["--entrypoint", cmd.pop(0)]
+        docker("run", "--detach", "--name", c.name, *RUN_AS_THE_CLUSTER_DOES, *opts, image, *cmd, *ports.flags(),
+               *args)
+        started.append(c)
+        return c
+
+    yield run
+    for c in started:
+        docker("rm", "--force", c.name, check=False)
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[Stack]:
+    """Simulated model servers on the host's loopback: the pool the containers pick from."""
+    stack = Stack(StackOptions(servers=2))
+    stack.start_simulators()
+    yield stack
+    stack.stop()
+
+
+def health(port: int, service: str = "") -> str:
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    except grpc.RpcError as e:
+        return e.code().name
+
+
+def pick_through_envoy(envoy: EnvoyProcess, pool: Stack) -> str:
+    """A completion through Envoy; the endpoint epp picked, which answered it."""
+    r = httpx.post(f"{envoy.url}/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 2},
+                   timeout=15)
+    assert r.status_code == 200, (r.status_code, r.text, envoy.logs())
+    assert r.json()["choices"]
+    picked = r.headers["x-epp-endpoint"]  # --explain-headers, copied onto the response by the shipped config
+    assert picked in pool.endpoints
+    return picked
+
+
+def metric_total(port: int, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M))
+
+
+# --- the image itself ---------------------------------------------------------------------------
+
+def _files(image_name: str) -> dict[str, tarfile.TarInfo]:
+    """Every path in the image's filesystem, from `docker export` of a container never started."""
+    cid = docker("create", image_name).stdout.strip()
+    try:
+        out = subprocess.run(["docker", "export", cid], capture_output=True, check=True, timeout=120).stdout
+    finally:
+        docker("rm", cid, check=False)
+    with tarfile.open(fileobj=io.BytesIO(out)) as tar:
+        return {m.name.rstrip("/"): m for m in tar.getmembers()}
+
+
+def test_image_adds_epp_and_nothing_of_the_checkout(image) -> None:
+    files, base = _files(image), _files(BASE)
+    added = sorted(set(files) - set(base))
+    # All the image adds to its base is one venv: epp and its dependencies, installed from wheels.
+    assert f"{SITE}/epp/server.py" in files
+    assert [p for p in added if p not in ("opt", "opt/epp") and not p.startswith("opt/epp/")] == []
+    installed = {re.sub(r"-[^-]+\.dist-info$", "", Path(p).name).lower().replace("_", "-")
+                 for p in added if p.startswith(SITE) and p.endswith(".dist-info")}
+    wheels = {w.name.split("-")[0].lower().replace("_", "-") for w in (REPO / "build/image/wheels").glob("*.whl")}
+    assert installed == wheels - {"pip"}
+    # Not the tests, the benchmarks or their results, the wheels, or pip.
+    assert not [p for p in added if re.search(r"\.whl$|/bin/pip|^" + SITE + r"/(tests|bench|pip)(/|$)", p)]
+    assert not [p for p in added if p.startswith(f"{SITE}/epp/") and re.search(r"/(tests|bench|results)/", p)]
+    # The base is slim: no documentation, manuals or apt lists.
+    for d in ("usr/share/doc", "usr/share/man", "usr/share/info", "var/lib/apt/lists", "var/cache/apt/archives"):
+        assert not [p for p, m in files.items() if p.startswith(d + "/") and m.isfile()], d
+    size_mb = int(docker("image", "inspect", "-f", "{{.Size}}", image).stdout) / 1e6
+    assert size_mb < 300, size_mb
+
+
+def test_image_config_runs_as_upstreams_container(image) -> None:
+    import json
+
+    cfg = json.loads(docker("image", "inspect", "-f", "{{json .Config}}", image).stdout)
+    assert cfg["User"] == "65532:65532"
+    assert set(cfg["ExposedPorts"]) == {"9002/tcp", "9003/tcp", "9004/tcp", "9090/tcp"}
+    assert cfg["Entrypoint"] == ["/opt/epp/bin/epp"]
+    assert not cfg.get("Cmd")  # the Pod's args are all flags, as upstream's chart gives them
+    assert "PYTHONDONTWRITEBYTECODE=1" in cfg["Env"]
+
+
+def test_a_bad_flag_stops_the_container_with_the_reason(image) -> None:
+    r = docker("run", "--rm", *RUN_AS_THE_CLUSTER_DOES, image, "--no-such-flag", check=False)
+    assert r.returncode != 0
+    assert "--no-such-flag" in r.stderr
+
+
+# --- running it --------------------------------------------------------------------------------
+
+def test_serves_a_static_pool_read_only_and_non_root(run_epp, pool, tmp_path) -> None:
+    c = run_epp(["--endpoints", ",".join(pool.endpoints), "--explain-headers", "--secure-serving=false"])
+    c.wait_serving()
+    assert health(c.ports.health, SERVICE) == "SERVING"
+    assert health(c.ports.health, "liveness") == "SERVING"
+    lp, admin = free_ports(2)
+    with EnvoyProcess(EnvoyOptions(lp, c.ports.grpc, admin)) as envoy:
+        envoy.wait_ready(30)
+        pick_through_envoy(envoy, pool)
+    # /metrics answers, and counted the request.
+    assert metric_total(c.ports.metrics, "inference_objective_request_total") >= 1
+    assert c.running(), c.logs()
+
+
+def test_routes_through_envoy_over_tls(run_epp, pool) -> None:
+    # The image's epp with its ext_proc port on TLS (a self-signed certificate made at start), and
+    # Envoy's ext_proc cluster on TLS with ALPN h2, as upstream's configs (not verifying it).
+    c = run_epp(["--endpoints", ",".join(pool.endpoints), "--explain-headers"],
+                entrypoint=["/opt/epp/bin/python", "-c", TLS_EPP, ""])
+    c.wait_serving()
+    assert handshake(c.ports.grpc)[1] == "h2"
+    lp, admin = free_ports(2)
+    envoy = TlsEnvoy(EnvoyOptions(lp, c.ports.grpc, admin), None)
+    with envoy:
+        envoy.wait_ready(30)
+        pick_through_envoy(envoy, pool)
+    assert c.running(), c.logs()
+
