@@ -323,6 +323,19 @@ async def test_dropped_and_closed_watches_reconnect(api: KubeApi, client: AsyncC
         await d.until(lambda: api.watch_count("pods") == 1)
 
 
+async def test_the_servers_watch_timeout_resumes_without_relisting(api: KubeApi, client: AsyncClient) -> None:
+    api.apply(pool())
+    api.apply(pod("a", "10.0.0.1"))
+    async with Discovery(client, watch_timeout=0.5) as d:  # timeoutSeconds=1: the server ends each watch
+        await d.synced()
+        watches = lambda: [c for c in api.calls if c.path.endswith("/pods") and c.query.get("watch")]  # noqa: E731
+        assert watches()[0].query["timeoutSeconds"] == "1"
+        await d.until(lambda: len(watches()) >= 2)
+        api.apply(pod("b", "10.0.0.2"))
+        await d.until(lambda: len(d.endpoints()) == 2)
+        assert len([c for c in api.calls if c.path.endswith("/pods") and not c.query.get("watch")]) == 1
+
+
 async def test_bookmarks_keep_the_resume_point_fresh(api: KubeApi, client: AsyncClient) -> None:
     api.apply(pool())
     api.apply(pod("a", "10.0.0.1"))

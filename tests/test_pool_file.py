@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from epp.stack import free_ports
 from epp.discovery.manifests import ManifestError, parse
 from epp.rewrites import ModelRewrites, RewriteRule
 from epp.server import EppServer, ServeOptions
+from epp.stack import free_ports
 
 POOL = """\
 apiVersion: inference.networking.k8s.io/v1
@@ -89,6 +89,19 @@ def test_objectives_of_this_pool_only() -> None:
                  "o.yaml", "llama", "prod")
     assert not snap.has_pool  # objectives alone: the endpoints come from --endpoints
     assert snap.objectives == {"batch": -1, "chat": 10, "plain": 0}
+
+
+def test_objective_groups_pool_ref_group_and_active_ports() -> None:
+    llmd = objective("batch", 4).replace("inference.networking.x-k8s.io", "llm-d.ai")
+    other_group = objective("chat", 1).replace("poolRef: {name: llama}",
+                                               "poolRef: {name: llama, group: inference.networking.x-k8s.io}")
+    two_ports = POOL.replace("[{number: 8000}]", "[{number: 8000}, {number: 8001}]")
+    narrowed = pod("a", "10.0.0.1").replace("labels: {app: vllm}}",
+                                            "labels: {app: vllm}, annotations: "
+                                            "{inference.networking.k8s.io/active-ports: '8001'}}")
+    snap = parse(docs(two_ports, narrowed, objective("batch", -1), llmd, other_group), "p.yaml", "llama", "prod")
+    assert snap.objectives == {"batch": 4}  # llm-d.ai's wins the name; a poolRef to another group is not ours
+    assert [(e.name, e.hostport) for e in snap.endpoints] == [("a-rank-1", "10.0.0.1:8001")]
 
 
 REWRITE = """\

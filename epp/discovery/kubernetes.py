@@ -285,7 +285,7 @@ class _Reflector:
 
     async def _watch(self, rv: str) -> None:
         owner = self.owner
-        timeout = int(owner.watch_timeout * (1 + owner.rng.random()))  # spread reconnects, as client-go does
+        timeout = max(1, int(owner.watch_timeout * (1 + owner.rng.random())))  # spread reconnects, as client-go
         params = {**self._params(), "resourceVersion": rv, "allowWatchBookmarks": "true", "timeoutSeconds": timeout}
         gc = owner.client._client
         # lightkube's public watch() cannot ask for bookmarks; one level down it can. The driver resumes from
