@@ -198,6 +198,7 @@ async def test_two_target_ports_give_one_endpoint_per_port(api: KubeApi, client:
         await d.synced()
         assert d.endpoints() == [("a-rank-0", "10.0.0.1:8000", True), ("a-rank-1", "10.0.0.1:8001", True),
                                  ("b-rank-1", "10.0.0.2:8001", True)]
+        assert d.last.target_ports == [8000, 8001]
         api.modify(f"{V1_GROUP}/v1", "InferencePool", NS, "llama",
                    lambda o: o["spec"].update(targetPorts=[{"number": 8000}]))
         await d.until(lambda: d.endpoints() == [("a", "10.0.0.1:8000", True)])
@@ -374,6 +375,9 @@ async def test_absent_crd_groups_are_not_watched_and_probed_again(api: KubeApi, 
         api.install(X_GROUP)
         api.apply(objective("batch", -1, group=X_GROUP))
         await d.until(lambda: d.last.objectives == {"batch": -1})
+        api.uninstall(X_GROUP, "inferenceobjectives")  # the CRD is deleted while watched: its objects go
+        await d.until(lambda: d.last.objectives == {})
+        assert d.endpoints() == [("a", "10.0.0.1:8000", True)]
     assert len(messages(caplog, logging.INFO, "no InferenceObjective CRD is installed")) == 1
 
 

@@ -52,6 +52,7 @@ class PoolSnapshot:
     objectives: dict[str, int] = field(default_factory=dict)
     rewrites: list[RewriteRule] = field(default_factory=list)
     app_protocol: str = ""  # the pool's spec.appProtocol; "" when unset
+    target_ports: list[int] = field(default_factory=list)  # one: --model-server-metrics-port applies
     # Objects left out because they are invalid (only where the caller did not ask for strictness).
     errors: list[str] = field(default_factory=list)
 
@@ -147,6 +148,7 @@ def snapshot_from_objects(
     if selector_ports is not None:
         snap.has_pool = True
         selector, ports = selector_ports
+        snap.target_ports = list(ports)
         for o in objects:
             if o.get("kind") == "Pod" and _meta(o, namespace)[1] == namespace:
                 snap.endpoints.extend(pod_endpoints(o, selector, ports))
