@@ -419,7 +419,7 @@ class KubernetesDiscovery:
                 await self._pool.run()
             except _NotInstalled:
                 self._log_once("crd:pool", logging.ERROR, "the InferencePool CRD (%s/%s) is not installed: no pool "
-                               "to watch; checking again every %.0fs", self.pool_group, POOL_VERSIONS[self.pool_group],
+                               "to watch; checking again every %gs", self.pool_group, POOL_VERSIONS[self.pool_group],
                                self.crd_retry)
                 await asyncio.sleep(self.crd_retry)
 
@@ -484,7 +484,7 @@ class KubernetesDiscovery:
                 continue
             if not usable:
                 self._log_once(f"absent:{k.kind}", logging.INFO, "no %s CRD is installed (or granted) in %s; "
-                               "not watching %ss, checking again every %.0fs", k.kind, " or ".join(OBJECTIVE_GROUPS),
+                               "not watching %ss, checking again every %gs", k.kind, " or ".join(OBJECTIVE_GROUPS),
                                k.kind, self.crd_retry)
                 return None
             self._logged.discard(f"absent:{k.kind}")
