@@ -1,11 +1,24 @@
-"""Hand-built endpoints and requests for unit tests."""
+"""Hand-built endpoints and requests for unit tests, and the one poller tests wait with."""
 
 from __future__ import annotations
 
-from epp.datastore import Endpoint, EndpointMetrics
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from epp.datastore import Datastore, Endpoint, EndpointMetrics
+from epp.director import Director
+from epp.metrics import EppMetrics
 from epp.requests import InferenceRequest, new_request, parse_body
+from epp.scheduling import picker_config
+from epp.scheduling.framework import CycleState
+from epp.server import EppServer
 
 NOW = 1000.0
+
+# What the `start_epp` fixture (tests/conftest.py) gives: `await start_epp(**options)` -> a running EppServer.
+StartEpp = Callable[..., Awaitable[EppServer]]
 
 
 def endpoint(port: int, *, waiting: int | None = 0, kv: float = 0.0, active: tuple[str, ...] = (),
@@ -20,6 +33,29 @@ def endpoint(port: int, *, waiting: int | None = 0, kv: float = 0.0, active: tup
 
 
 def request(prompt: str = "hello world", model: str = "m") -> InferenceRequest:
-    import orjson
-
     return parse_body(new_request("/v1/completions", {}), orjson.dumps({"model": model, "prompt": prompt}))
+
+
+def director(*eps: Endpoint, objectives: dict[str, int] | None = None, metrics: EppMetrics | None = None,
+             config: picker_config.PickerConfig | None = None) -> Director:
+    """A director over these endpoints with the clock stopped at NOW; the default profile, seeded."""
+    ds = Datastore()
+    ds.now = lambda: NOW  # type: ignore[method-assign]
+    ds.set_endpoints(eps)
+    ds.objectives = {"batch": -1, "critical": 10} if objectives is None else objectives
+    return Director(ds, config or picker_config.default_config(seed=1), metrics)
+
+
+def cycle_state(now: float = NOW) -> CycleState:
+    """A scheduling cycle at `now`, trusting metrics up to 2 s old (the default staleness)."""
+    return CycleState(now, staleness=2.0)
+
+
+async def until(cond: Callable[[], object], timeout: float = 5.0, what: str = "the condition") -> None:
+    """Wait until `cond()` is true, polling on the event loop; TimeoutError names `what` it waited for."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)

@@ -1,25 +1,14 @@
-"""Priority from InferenceObjectives, shedding under saturation, and model rewrites before scheduling."""
+"""Admission (epp.admission): priority from InferenceObjectives, and shedding under saturation."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
 
-from epp.datastore import Datastore
 from epp.director import Director
 from epp.errors import EppError
 from epp.requests import new_request, parse_body
-from epp.rewrites import ModelRewrites, RewriteRule
-from epp.scheduling import picker_config
-from tests.helpers import NOW, endpoint
-
-
-def director(*eps, objectives=None) -> Director:
-    ds = Datastore()
-    ds.now = lambda: NOW  # type: ignore[method-assign]
-    ds.set_endpoints(eps)
-    ds.objectives = objectives or {"batch": -1, "critical": 10}
-    return Director(ds, picker_config.default_config(seed=1))
+from tests.helpers import NOW, director, endpoint
 
 
 def req(objective: str = "", model: str = "m"):
@@ -63,20 +52,3 @@ def test_sheddable_gets_429_only_when_the_pool_is_saturated(saturated_pool) -> N
 def test_sheddable_admitted_while_one_endpoint_has_capacity() -> None:
     d = director(endpoint(1, waiting=50, kv=0.99), endpoint(2, waiting=4, kv=0.79))
     admit(d, req("batch"))
-
-
-def test_rewrite_happens_before_scoring_so_lora_affinity_sees_the_target() -> None:
-    d = director(
-        endpoint(1, active=("food-review-v1",), max_lora=1),
-        endpoint(2, active=("food-review-v2",), max_lora=1),
-    )
-    d.datastore.rewrites = ModelRewrites(
-        [RewriteRule("rollout", frozenset({"food-review"}), ("food-review-v1", "food-review-v2"), (1, 1))], seed=5)
-    picked = {}
-    for _ in range(40):
-        r = req(model="food-review")
-        decision = d.decide(r)
-        picked.setdefault(r.target_model, set()).add(decision.endpoint.port)
-        d.finish(r, decision)
-        assert orjson.loads(r.forwarded_body())["model"] == r.target_model
-    assert picked == {"food-review-v1": {1}, "food-review-v2": {2}}

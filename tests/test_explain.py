@@ -13,8 +13,9 @@ import pytest
 
 from epp import cli, explain
 from epp.datastore import EndpointMetrics
-from epp.server import EppServer, ServeOptions
+from epp.server import EppServer
 from epp.stack import free_ports
+from tests.helpers import StartEpp
 
 ROOT = Path(__file__).resolve().parent.parent
 # A profile that weighs the scraped queue and KV use (GIE's weights), so set_load decides the pick.
@@ -22,19 +23,12 @@ LOAD_PROFILE = (ROOT / "bench" / "configs" / "default-until-2026-11-23.yaml").re
 
 
 @pytest.fixture
-async def epp():
-    ports = free_ports(5)
-    server = EppServer(ServeOptions(
-        grpc_port=ports[0], grpc_health_port=ports[1], metrics_port=0, bind_address="127.0.0.1",
-        endpoints=[f"127.0.0.1:{p}" for p in ports[2:5]], seed=1, config_text=LOAD_PROFILE,
-    ))
+async def epp(start_epp: StartEpp) -> EppServer:
+    """This module's epp weighs the scraped load, and knows one sheddable objective ("batch")."""
+    server = await start_epp(config_text=LOAD_PROFILE)
     server.datastore.objectives = {"batch": -1}
-    await server.start()
-    server.addr = f"127.0.0.1:{ports[0]}"
-    try:
-        yield server
-    finally:
-        await server.stop(grace=0)
+    server.addr = f"127.0.0.1:{server.opts.grpc_port}"  # type: ignore[attr-defined]
+    return server
 
 
 def set_load(server: EppServer, *loads: tuple[int, float, tuple[str, ...]]) -> None:

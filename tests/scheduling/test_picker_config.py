@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 from epp.errors import ConfigError
+from epp.scheduling.framework import SchedulingResult
 from epp.scheduling.picker_config import default_config, load_text
+from tests.helpers import NOW, endpoint, request
 
 GIE_STYLE = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -48,9 +50,42 @@ def test_default_profile_weighs_affinity_and_prefill_cost_not_the_scraped_queue(
     assert profile.picker.type_name == "max-score-picker"
 
 
+DOC = "a long shared document. " * 500  # ~3000 tokens at 4 characters a token
+
+
+def test_default_profile_sends_an_adapter_where_it_is_loaded_despite_more_requests_there() -> None:
+    """Loading an adapter costs more than sharing a server with a few more requests; the default profile
+    knows it, and still sends base-model requests to the less busy server."""
+    scheduler = default_config(seed=1).scheduler
+    eps = [endpoint(1, max_lora=4, inflight=0), endpoint(2, max_lora=4, inflight=2, active=("sql-lora",))]
+    for _ in range(5):
+        result, _ = scheduler.schedule(request("a short question", model="sql-lora"), eps, NOW, 2.0)
+        assert result.endpoint is eps[1]
+    for _ in range(5):
+        result, _ = scheduler.schedule(request("a short question", model="m"), eps, NOW, 2.0)
+        assert result.endpoint is eps[0]  # the base model: fewer requests in flight wins
+
+
+def test_default_profile_keeps_a_busy_prefix_holder_when_the_cost_is_the_same() -> None:
+    """Under load the holder of a prompt's prefix is busy: a longer waiting queue, more KV in use, and a
+    long prefill ahead (the document's first question, still prefilling). Sending the request elsewhere
+    costs it as much (it prefills the whole document there) and costs the pool a second copy of the
+    prefix, which evicts others: under high load that is how hit rates collapse. The default profile
+    keeps it on the holder."""
+    scheduler = default_config(seed=1).scheduler
+    holder, idle = endpoint(1, waiting=3, kv=0.8, inflight=4), endpoint(2, waiting=0, kv=0.1, inflight=3)
+    eps = [holder, idle]
+    first = request(DOC + "first question?")
+    _, state = scheduler.schedule(first, eps, NOW, 2.0)
+    scheduler.pre_request(state, first, SchedulingResult([holder], eps))  # sent there: held, and prefilling
+    for i in range(3):
+        result, _ = scheduler.schedule(request(DOC + f"question {i}?"), eps, NOW, 2.0)
+        assert result.endpoint is holder
+
+
 def test_the_previous_default_with_gie_weights_still_loads() -> None:
     """bench/configs keeps the profile with GIE's default weights, for A/B runs against the default."""
-    path = Path(__file__).parent.parent / "bench" / "configs" / "default-until-2026-11-23.yaml"
+    path = Path(__file__).parents[2] / "bench" / "configs" / "default-until-2026-11-23.yaml"
     profile = load_text(path.read_text(), str(path)).scheduler.profiles[0]
     weights = {ws.scorer.type_name: ws.weight for ws in profile.scorers}
     assert weights["queue-scorer"] == weights["kv-cache-utilization-scorer"] == 2

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from envoy.config.core.v3 import base_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from epp.errors import ConfigError
-from epp.scheduling.framework import CycleState, SchedulingResult
+from epp.scheduling.framework import SchedulingResult
 from epp.scheduling.picker_config import load_text
 from epp.scheduling.plugins.prefill_load_scorer import PrefillLoadScorer
 from epp.scheduling.plugins.prefix_cache_scorer import PrefixCacheScorer
 from epp.server import EppServer
-from tests.helpers import NOW, endpoint, request
-from tests.test_extproc import body_msg, completion, dest_header, epp, exchange, headers_msg  # noqa: F401
+from tests.extproc_messages import (
+    SSE_HEADERS,
+    Stream,
+    body_msg,
+    completion,
+    dest_header,
+    headers_msg,
+    response_body_msg,
+)
+from tests.helpers import NOW, cycle_state, endpoint, request
 
 DOC = "a long shared document. " * 500  # ~3000 tokens at 4 characters a token
-
-
-def state() -> CycleState:
-    return CycleState(NOW, staleness=2.0)
 
 
 def bound() -> tuple[PrefixCacheScorer, PrefillLoadScorer]:
@@ -32,7 +32,7 @@ def bound() -> tuple[PrefixCacheScorer, PrefillLoadScorer]:
 
 def send(prefix: PrefixCacheScorer, load: PrefillLoadScorer, req, eps, to: int) -> None:
     """What the director does once a pick is made: every PreRequest plugin is told."""
-    st = state()
+    st = cycle_state()
     load.score(st, req, eps)
     result = SchedulingResult([eps[to]], eps)
     prefix.pre_request(st, req, result)
@@ -50,18 +50,18 @@ def test_holder_wins_then_loses_while_busy_then_wins_again() -> None:
 
     # A second, unrelated long prompt: endpoint 2 is idle, endpoint 1 would queue it behind the first.
     other = request("an unrelated document. " * 500)
-    assert load.score(state(), other, eps) == [0.0, 1.0]
+    assert load.score(cycle_state(), other, eps) == [0.0, 1.0]
 
     # A question on the same document: endpoint 1 holds the document but is busy prefilling it;
     # the costs are ~equal (3000 backlog + 0 vs 0 backlog + 3000), so neither is pushed away.
     q = request(DOC + "second question?")
-    s = load.score(state(), q, eps)
+    s = load.score(cycle_state(), q, eps)
     assert abs(s[0] - s[1]) < 0.05
 
     # The first request starts streaming: its prefill is done, endpoint 1 is clearly best again.
     load.response_started(first, eps[0])
     assert load.backlog == {}
-    assert load.score(state(), q, eps) == [1.0, 0.0]
+    assert load.score(cycle_state(), q, eps) == [1.0, 0.0]
     load.response_complete(first, eps[0])  # completion after start releases nothing twice
     assert load.backlog == {}
 
@@ -84,7 +84,7 @@ def test_small_differences_stay_small() -> None:
     short = request("x" * 100)
     send(*bound(), short, eps, to=0)
     load.backlog = {eps[1].hostport: 25}
-    scores = load.score(state(), short, eps)
+    scores = load.score(cycle_state(), short, eps)
     assert scores[0] == 1.0
     assert 0.97 < scores[1] < 1.0
 
@@ -94,7 +94,7 @@ def test_without_a_prefix_scorer_every_endpoint_prefills_the_whole_prompt() -> N
     load.bind({}.get)
     eps = [endpoint(1), endpoint(2)]
     load.backlog = {eps[0].hostport: 5000}
-    assert load.score(state(), request(DOC), eps) == [0.0, 1.0]
+    assert load.score(cycle_state(), request(DOC), eps) == [0.0, 1.0]
 
 
 def test_removed_endpoint_forgets_its_backlog() -> None:
@@ -131,34 +131,23 @@ def test_prefix_scorer_reference_must_be_a_prefix_scorer() -> None:
         load_text(CONFIG.replace("prefixScorer: queue-scorer", "tokenScale: 0"), "test")
 
 
-async def test_first_response_byte_releases_the_backlog_over_grpc(epp: EppServer) -> None:  # noqa: F811
+async def test_first_response_byte_releases_the_backlog_over_grpc(epp: EppServer) -> None:
     """Through the ext_proc stream: released at the first response chunk, before the response ends."""
     load = next(p for p in epp.picker_config.scheduler.plugins if isinstance(p, PrefillLoadScorer))
-    status = pb.ProcessingRequest(response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(
-        headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200"),
-                 base_pb2.HeaderValue(key="content-type", raw_value=b"text/event-stream")])))
-    first_chunk = pb.ProcessingRequest(response_body=pb.HttpBody(body=b'data: {"choices":[]}\n\n'))
-    queue: asyncio.Queue = asyncio.Queue()
-    for m in (headers_msg(), body_msg(completion("long prompt " * 300))):
-        queue.put_nowait(m)
-
-    async def gen():
-        while (m := await queue.get()) is not None:
-            yield m
-
-    call = epp.stub.Process(gen())
-    await asyncio.wait_for(call.read(), 5)  # BUFFERED: the headers are acknowledged first
-    routed = await asyncio.wait_for(call.read(), 5)
+    stream = Stream(epp)
+    stream.send(headers_msg(), body_msg(completion("long prompt " * 300)))
+    await stream.read()  # BUFFERED: the headers are acknowledged first
+    [routed] = await stream.read()
     dest = dest_header(routed.request_body.response)
     assert load.backlog.get(dest, 0) > 800
-    queue.put_nowait(status)
-    await asyncio.wait_for(call.read(), 5)
+    stream.send(SSE_HEADERS)
+    await stream.read()
     assert load.backlog.get(dest, 0) > 800  # headers alone say nothing about prefill
-    queue.put_nowait(first_chunk)
-    await asyncio.wait_for(call.read(), 5)
+    stream.send(response_body_msg(b'data: {"choices":[]}\n\n'))
+    await stream.read()
     assert load.backlog.get(dest, 0) == 0
     assert epp.datastore.get(dest).inflight == 1  # still streaming
-    queue.put_nowait(None)
+    stream.close()
 
 
 def test_new_prefixes_spread_over_the_pool_cache_but_holders_pay_nothing() -> None:
@@ -171,20 +160,20 @@ def test_new_prefixes_spread_over_the_pool_cache_but_holders_pay_nothing() -> No
     for ep in eps:
         load.backlog.pop(ep.hostport, None)  # all of them have started streaming
     load._pending.clear()
-    new = load.score(state(), request("a new document. " * 300), eps)
+    new = load.score(cycle_state(), request("a new document. " * 300), eps)
     assert new[1] > new[0]
     assert new[0] > 0.4  # a tie-break, not a verdict: at most occupancyTokens / tokenScale apart
     # A question on a document endpoint 1 holds still goes there, however full its cache.
-    assert load.score(state(), request("document 2. " * 300 + "question?"), eps) == [1.0, 0.0]
+    assert load.score(cycle_state(), request("document 2. " * 300 + "question?"), eps) == [1.0, 0.0]
 
 
 def test_an_endpoint_holding_the_adapter_saves_its_load() -> None:
     _, load = bound()
     eps = [endpoint(1, max_lora=4), endpoint(2, max_lora=4, active=("sql-lora",)), endpoint(3, max_lora=4)]
     # The only difference is the load (2048 tokens by default, over tokenScale): the holder scores 1, the rest 0.
-    assert load.score(state(), request("a short question", model="sql-lora"), eps) == [0.0, 1.0, 0.0]
+    assert load.score(cycle_state(), request("a short question", model="sql-lora"), eps) == [0.0, 1.0, 0.0]
     # A base model (no scrape shows it as an adapter): no endpoint pays a load.
-    assert load.score(state(), request("a short question", model="m"), eps) == [1.0, 1.0, 1.0]
+    assert load.score(cycle_state(), request("a short question", model="m"), eps) == [1.0, 1.0, 1.0]
 
 
 def test_a_pick_holds_the_adapter_until_the_next_scrape_says_otherwise() -> None:
@@ -195,10 +184,10 @@ def test_a_pick_holds_the_adapter_until_the_next_scrape_says_otherwise() -> None
     send(prefix, load, q, eps, to=0)
     load.response_started(q, eps[0])
     # Both hold it (endpoint 1 also holds the prompt's few tokens now, hence approx).
-    assert load.score(state(), q, eps) == [1.0, pytest.approx(1.0, abs=0.01), 0.0]
+    assert load.score(cycle_state(), q, eps) == [1.0, pytest.approx(1.0, abs=0.01), 0.0]
     # Endpoint 1's next scrape does not show the adapter (evicted, or the request failed): no longer held.
     eps[0].metrics = endpoint(1, max_lora=4, age=-0.05).metrics
-    later = CycleState(NOW + 0.1, staleness=2.0)
+    later = cycle_state(NOW + 0.1)
     assert load.score(later, q, eps) == [pytest.approx(0.0, abs=0.01), 1.0, 0.0]
 
 
@@ -207,37 +196,3 @@ def test_base_model_picks_are_not_remembered_as_adapters() -> None:
     eps = [endpoint(1, max_lora=4), endpoint(2, max_lora=4, active=("sql-lora",))]
     send(prefix, load, request("hello", model="m"), eps, to=0)
     assert load._adapters_sent == {}
-
-
-def test_default_profile_sends_an_adapter_where_it_is_loaded_despite_more_requests_there() -> None:
-    """Loading an adapter costs more than sharing a server with a few more requests; the default profile
-    knows it, and still sends base-model requests to the less busy server."""
-    from epp.scheduling.picker_config import default_config
-
-    scheduler = default_config(seed=1).scheduler
-    eps = [endpoint(1, max_lora=4, inflight=0), endpoint(2, max_lora=4, inflight=2, active=("sql-lora",))]
-    for _ in range(5):
-        result, _ = scheduler.schedule(request("a short question", model="sql-lora"), eps, NOW, 2.0)
-        assert result.endpoint is eps[1]
-    for _ in range(5):
-        result, _ = scheduler.schedule(request("a short question", model="m"), eps, NOW, 2.0)
-        assert result.endpoint is eps[0]  # the base model: fewer requests in flight wins
-
-
-def test_default_profile_keeps_a_busy_prefix_holder_when_the_cost_is_the_same() -> None:
-    """Under load the holder of a prompt's prefix is busy: a longer waiting queue, more KV in use, and a
-    long prefill ahead (the document's first question, still prefilling). Sending the request elsewhere
-    costs it as much (it prefills the whole document there) and costs the pool a second copy of the
-    prefix, which evicts others: under high load that is how hit rates collapse. The default profile
-    keeps it on the holder."""
-    from epp.scheduling.picker_config import default_config
-
-    scheduler = default_config(seed=1).scheduler
-    holder, idle = endpoint(1, waiting=3, kv=0.8, inflight=4), endpoint(2, waiting=0, kv=0.1, inflight=3)
-    eps = [holder, idle]
-    first = request(DOC + "first question?")
-    _, state = scheduler.schedule(first, eps, NOW, 2.0)
-    scheduler.pre_request(state, first, SchedulingResult([holder], eps))  # sent there: held, and prefilling
-    for i in range(3):
-        result, _ = scheduler.schedule(request(DOC + f"question {i}?"), eps, NOW, 2.0)
-        assert result.endpoint is holder

@@ -1,17 +1,17 @@
-"""Model-server metrics: extraction per engine, and real HTTP scrapes (healthy, hanging, broken)."""
+"""Model-server metrics (epp.datalayer.scraper): extraction, and real HTTP scrapes (healthy, hanging, broken)."""
 
 import asyncio
-import time
 
 import pytest
 
-from epp.datalayer.engines import ENGINES, parse_spec, with_overrides
+from epp.datalayer.engines import ENGINES
 from epp.datalayer.scraper import MetricsParseError, MetricsScraper, extract
 from epp.datastore import Datastore
 from epp.discovery.static import static_endpoints
 from epp.simulator.engine import EngineConfig
 from epp.simulator.server import SimulatedServer
 from epp.stack import free_ports
+from tests.helpers import until
 
 VLLM = """\
 # HELP vllm:num_requests_waiting Number of requests waiting.
@@ -47,23 +47,9 @@ def test_extract_trtllm_label_specs() -> None:
     assert (m.waiting, m.running, m.kv_usage) == (2, 5, pytest.approx(0.3))
 
 
-def test_metric_name_flags_override() -> None:
-    mapping = with_overrides(ENGINES["vllm"], queue="custom:queue")
-    m, _ = extract("custom:queue 9\nvllm:num_requests_running 1\n", mapping, now=0)
-    assert m.waiting == 9
-    assert parse_spec("a{b=c, d=\"e\"}").labels == (("b", "c"), ("d", "e"))
-
-
 def test_not_a_model_server() -> None:
     with pytest.raises(MetricsParseError, match="none of the expected metrics"):
         extract("go_goroutines 12\n", ENGINES["vllm"], now=0)
-
-
-async def _wait_for(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_scrapes_real_servers_and_survives_a_hanging_and_a_broken_one() -> None:
@@ -79,17 +65,18 @@ async def test_scrapes_real_servers_and_survives_a_hanging_and_a_broken_one() ->
         scraper.start()
         ds.set_endpoints(static_endpoints([f"127.0.0.1:{p}" for p in ports]))
         eps = ds.all_endpoints()
-        await _wait_for(lambda: eps[0].metrics is not None and eps[1].scrape_error and eps[2].scrape_error)
+        await until(lambda: eps[0].metrics is not None and eps[1].scrape_error and eps[2].scrape_error, 10,
+                    "a scrape of each server")
         assert eps[0].scrape_error is None
         assert "timed out" in eps[1].scrape_error
         assert eps[1].metrics is None
         assert "HTTP 500" in eps[2].scrape_error
         # The healthy server keeps being scraped while the other two fail.
         first = eps[0].metrics.scraped_at
-        await _wait_for(lambda: eps[0].metrics.scraped_at > first)
+        await until(lambda: eps[0].metrics.scraped_at > first, 10, "the healthy server's next scrape")
         # A server removed from the pool stops being scraped.
         ds.set_endpoints([eps[0]])
-        await _wait_for(lambda: len(scraper._tasks) == 1)
+        await until(lambda: len(scraper._tasks) == 1, 10, "the removed server's scrape loop to stop")
     finally:
         scraper.stop()
         for s in servers:
@@ -129,7 +116,7 @@ async def test_oversized_and_unreachable_metrics_are_errors_not_crashes(monkeypa
         scraper.start()
         ds.set_endpoints(static_endpoints([f"127.0.0.1:{port}", f"127.0.0.1:{closed}"]))
         sized_ep, dead = ds.all_endpoints()
-        await _wait_for(lambda: sized_ep.scrape_error and dead.scrape_error)
+        await until(lambda: sized_ep.scrape_error and dead.scrape_error, 10, "both scrapes to fail")
         assert "too large" in sized_ep.scrape_error
         assert sized_ep.metrics is None
         assert "Connect" in dead.scrape_error
