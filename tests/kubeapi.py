@@ -257,9 +257,15 @@ class _Event:
 
 
 class KubeApi:
-    """The stand-in API server. `with KubeApi() as api:` starts it on 127.0.0.1 and stops it after."""
+    """The stand-in API server. `with KubeApi() as api:` starts it on `host` and stops it after.
 
-    def __init__(self, *, history: int = 10000, bookmark_interval: float | None = None) -> None:
+    `host` (default 127.0.0.1) is where it listens and the address clients are given; its
+    certificate names it. A container on the host network reaches it there.
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", history: int = 10000,
+                 bookmark_interval: float | None = None) -> None:
+        self.host = host
         self.history = history
         self.bookmark_interval = bookmark_interval
         self.calls: list[Call] = []
@@ -309,7 +315,7 @@ class KubeApi:
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.host}:{self.port}"
 
     async def _start(self) -> None:
         app = web.Application(client_max_size=16 << 20)
@@ -322,7 +328,7 @@ class KubeApi:
 
     async def _listen(self) -> None:
         assert self._runner is not None
-        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self._ssl, reuse_address=True)
+        self._site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._ssl, reuse_address=True)
         await self._site.start()
         if not self.port:
             server = self._site._server
@@ -341,6 +347,15 @@ class KubeApi:
             return await out if asyncio.iscoroutine(out) else out
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
 
+    def _alt_names(self) -> list[x509.GeneralName]:
+        names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        try:
+            if self.host != "127.0.0.1":
+                names.append(x509.IPAddress(ipaddress.ip_address(self.host)))
+        except ValueError:
+            names.append(x509.DNSName(self.host))
+        return names
+
     def _make_cert(self) -> str:
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver stand-in")])
@@ -355,9 +370,7 @@ class KubeApi:
                                          key_encipherment=False, data_encipherment=False, key_agreement=False,
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
+            .add_extension(x509.SubjectAlternativeName(self._alt_names()), critical=False)
             .add_extension(ski, critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
             .sign(key, hashes.SHA256())
@@ -395,7 +408,7 @@ class KubeApi:
         (d / "token").write_text(token)
         (d / "ca.crt").write_text(self.ca_pem)
         (d / "namespace").write_text(namespace)
-        return {"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(self.port)}
+        return {"KUBERNETES_SERVICE_HOST": self.host, "KUBERNETES_SERVICE_PORT": str(self.port)}
 
     # -- users and permissions ------------------------------------------------------------
 
@@ -868,3 +881,44 @@ class KubeApi:
                                                                             "kind": "SubjectAccessReview"}))
         out["status"] = {"allowed": allowed, "reason": "RBAC: allowed by the stand-in's rules" if allowed else ""}
         return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tests.kubeapi [--host H] [--port P] --kubeconfig OUT [manifest.yaml ...]`: run the stand-in
+    alone (a demo, or a container test): every object in the manifests is stored, one all-powerful
+    token is written into the kubeconfig, and it serves until interrupted."""
+    import argparse
+    import signal
+
+    import yaml
+
+    ap = argparse.ArgumentParser(prog="python -m tests.kubeapi", description=main.__doc__)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--kubeconfig", required=True, help="where to write a kubeconfig for it")
+    ap.add_argument("--namespace", default="default", help="the kubeconfig's namespace")
+    ap.add_argument("manifests", nargs="*")
+    args = ap.parse_args(argv)
+    api = KubeApi(host=args.host)
+    api.port = args.port
+    api.start()
+    token = "admin." + secrets.token_urlsafe(16)
+    api.add_token(token, "kubernetes-admin", groups=["system:masters"])
+    api.grant("group:system:masters", ["*"], ["*"])
+    api.grant_urls("group:system:masters", ["*"], ["*"])
+    for path in args.manifests:
+        for doc in yaml.safe_load_all(Path(path).read_text()):
+            for obj in (doc.get("items") or []) if doc and str(doc.get("kind", "")).endswith("List") else [doc]:
+                if obj and (obj.get("apiVersion"), obj.get("kind")) in _BY_TYPE:
+                    api.apply(obj)
+    api.kubeconfig(args.kubeconfig, token, args.namespace)
+    print(f"stand-in API server on {api.url}; kubeconfig {args.kubeconfig}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    api.stop()
+
+
+if __name__ == "__main__":
+    main()
