@@ -1,17 +1,150 @@
-"""The director (epp.director): one plan for a real pick and for explain's dry run; decide commits it."""
+"""The director (epp.director): one plan for a real pick and for explain's dry run; decide commits it.
+
+`plan` computes candidates, rewrite, admission and scheduling and changes nothing;
+`decide` commits exactly one pick (in-flight count, the plugins' PreRequest hooks,
+metrics); `finish` releases it once.
+"""
 
 from __future__ import annotations
 
 import orjson
+import pytest
 
+from epp.director import Director
+from epp.errors import EppError
+from epp.metrics import EppMetrics
 from epp.requests import InferenceRequest, new_request, parse_body
 from epp.rewrites import ModelRewrites, RewriteRule
+from epp.scheduling.framework import PrefixIndexHolder
+from epp.scheduling.plugins.prefill_load_scorer import PrefillLoadScorer
 from tests.helpers import director, endpoint
 
+DOC = "a long shared document. " * 100
 
-def req(objective: str = "", model: str = "m", prompt: str = "hi") -> InferenceRequest:
+
+def req(objective: str = "", model: str = "m", prompt: str = DOC) -> InferenceRequest:
     headers = {"x-gateway-inference-objective": objective} if objective else {}
     return parse_body(new_request("/v1/completions", headers), orjson.dumps({"model": model, "prompt": prompt}))
+
+
+def prefix_index_size(d: Director) -> int:
+    return sum(p.prefix_index_size() for p in d.scheduler.plugins if isinstance(p, PrefixIndexHolder))
+
+
+def prefill_backlog(d: Director) -> dict[str, int]:
+    return next(p for p in d.scheduler.plugins if isinstance(p, PrefillLoadScorer)).backlog
+
+
+def sample(m: EppMetrics, name: str, **labels: str) -> float:
+    return m.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_plan_has_no_side_effects_and_decide_commits_once() -> None:
+    metrics = EppMetrics()
+    eps = (endpoint(1), endpoint(2))
+    d = director(*eps, metrics=metrics)
+    for _ in range(3):
+        plan = d.plan(req())
+        assert plan.error is None
+        assert plan.result is not None
+    assert [ep.inflight for ep in eps] == [0, 0]
+    assert prefix_index_size(d) == 0  # the prefix scorer did not learn the prompt
+    assert prefill_backlog(d) == {}
+    assert sample(metrics, "inference_extension_scheduler_e2e_duration_seconds_count") == 0
+
+    decision = d.decide(req())
+    picked = decision.endpoint
+    assert sorted(ep.inflight for ep in eps) == [0, 1]
+    assert picked.inflight == 1
+    learned = prefix_index_size(d)
+    assert learned > 0
+    assert prefill_backlog(d) == {picked.hostport: pytest.approx(len(DOC) // 4, abs=10)}  # its prompt, once
+    assert sample(metrics, "inference_extension_scheduler_e2e_duration_seconds_count") == 1
+
+    # The committed pick is what the next plan sees, and planning still changes nothing.
+    after = d.plan(req())
+    assert after.result is not None
+    assert after.result.scores["prefix-cache-scorer"][after.result.candidates.index(picked)] == 1.0
+    assert prefix_index_size(d) == learned
+    assert picked.inflight == 1
+
+
+def test_dry_run_of_a_shed_request_still_shows_the_scores_and_the_429() -> None:
+    eps = (endpoint(1, waiting=5), endpoint(2, waiting=9))  # every queue at the threshold: saturated
+    d = director(*eps)
+    plan = d.dry_run(req("batch"))
+    assert plan.error is not None
+    assert plan.error.http_status == 429
+    assert plan.error.reason == "pool_saturated"
+    assert plan.result is not None, "a shed request is still scored, to show why"
+    assert plan.result.candidates == list(eps)
+    assert set(plan.result.scores) == {ws.scorer.name for ws in d.scheduler.profiles[0].scorers}
+    assert all(len(v) == 2 for v in plan.result.scores.values())
+    assert len(plan.result.totals) == 2
+    with pytest.raises(EppError) as e:
+        d.decide(req("batch"))
+    assert e.value.http_status == 429
+    assert [ep.inflight for ep in eps] == [0, 0]
+    assert prefix_index_size(d) == 0
+    assert d.dry_run(req()).error is None  # priority 0 is never shed
+
+
+def test_a_subset_without_a_ready_endpoint_is_a_503_that_says_so() -> None:
+    eps = (endpoint(1), endpoint(2))
+    d = director(*eps)
+    subset_message = "none of the endpoints in the proxy's subset hint is a ready endpoint of the pool"
+    plan = d.dry_run(req(), ["10.9.9.9:80"])
+    assert plan.error is not None
+    assert (plan.error.http_status, plan.error.reason, plan.error.message) == (503, "no_endpoint", subset_message)
+    with pytest.raises(EppError) as e:
+        d.decide(req(), ["10.9.9.9:80"])
+    assert (e.value.http_status, e.value.reason, e.value.message) == (503, "no_endpoint", subset_message)
+    # A pool member that is not ready is excluded too.
+    eps[1].ready = False
+    d.datastore.set_endpoints(eps)
+    with pytest.raises(EppError) as e:
+        d.decide(req(), [eps[1].hostport])
+    assert e.value.message == subset_message
+    assert d.decide(req(), [eps[0].hostport]).endpoint is eps[0]
+    # Without a subset, an empty pool says that instead.
+    d.datastore.set_endpoints([])
+    with pytest.raises(EppError) as e:
+        d.decide(req())
+    assert (e.value.http_status, e.value.message) == (503, "no ready endpoint in the pool")
+
+
+def test_a_model_rewrite_changes_the_forwarded_body_and_an_unchanged_body_is_the_same_bytes() -> None:
+    metrics = EppMetrics()
+    d = director(endpoint(1), endpoint(2), metrics=metrics)
+    d.datastore.rewrites = ModelRewrites([RewriteRule("canary", frozenset({"alias"}), ("m-v2",), (1,))], seed=1)
+    r = req(model="alias", prompt="hi")
+    client_body = r.body
+    decision = d.decide(r)
+    assert decision.body_changed
+    assert orjson.loads(decision.body) == {"model": "m-v2", "prompt": "hi"}
+    assert r.body is client_body
+    assert orjson.loads(r.body)["model"] == "alias"  # the client's body itself is left alone
+    assert sample(metrics, "inference_extension_model_rewrite_decisions_total",
+                  model_rewrite_name="canary", model_name="alias", target_model="m-v2") == 1
+    plain = req(model="m", prompt="hi")
+    unchanged = d.decide(plain)
+    assert not unchanged.body_changed
+    assert unchanged.body is plain.body  # the very same bytes object: nothing re-serialised
+
+
+def test_finish_releases_the_in_flight_count_once_per_decision() -> None:
+    eps = (endpoint(1), endpoint(2))
+    d = director(*eps)
+    one, two = req(prompt="one " * 50), req(prompt="two " * 50)
+    first, second = d.decide(one, [eps[0].hostport]), d.decide(two, [eps[0].hostport])
+    assert eps[0].inflight == 2
+    assert prefill_backlog(d)[eps[0].hostport] > 0
+    d.finish(one, first)
+    assert eps[0].inflight == 1
+    d.finish(two, second)
+    assert eps[0].inflight == 0
+    assert prefill_backlog(d) == {}  # the plugins' ResponseComplete hooks ran for both
+    assert eps[1].inflight == 0
 
 
 def test_rewrite_happens_before_scoring_so_lora_affinity_sees_the_target() -> None:
@@ -23,7 +156,7 @@ def test_rewrite_happens_before_scoring_so_lora_affinity_sees_the_target() -> No
         [RewriteRule("rollout", frozenset({"food-review"}), ("food-review-v1", "food-review-v2"), (1, 1))], seed=5)
     picked = {}
     for _ in range(40):
-        r = req(model="food-review")
+        r = req(model="food-review", prompt="hi")
         decision = d.decide(r)
         picked.setdefault(r.target_model, set()).add(decision.endpoint.port)
         d.finish(r, decision)

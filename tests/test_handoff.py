@@ -12,8 +12,8 @@ import pytest
 
 from epp.rewrites import ModelRewrites, RewriteRule
 from epp.server import EppServer
-from tests.extproc_messages import FULL, body_msg, completion, dest_header, exchange, headers_msg
-from tests.helpers import StartEpp
+from tests.extproc_messages import FULL, body_msg, completion, dest_header, exchange, headers_msg, pick_key
+from tests.helpers import StartEpp, until
 
 
 @pytest.fixture
@@ -47,3 +47,28 @@ async def test_a_rewritten_body_goes_out_through_the_ext_proc_stream(epp: EppSer
     assert orjson.loads(sent)["model"] == "m-v2"
     assert epp.datastore.get(dest).inflight == 1  # counted once
 
+
+async def test_an_expired_handoff_key_makes_the_ext_proc_filter_pick_itself(epp: EppServer) -> None:
+    key, _ = await http_pick_with_rewrite(epp)
+    await until(lambda: len(epp.handoffs) == 0, what="the hand-off to expire")
+    out = await exchange(epp, handoff_stream(key), 2)
+    common = out[0].request_headers.response
+    assert dest_header(common) in epp.opts.endpoints  # routed, not failed
+    own = pick_key(common)
+    assert own != key
+    assert own in epp.exchanges.open_exchanges  # a pick of this stream's own
+    sent = out[1].request_body.response.body_mutation.streamed_response
+    assert orjson.loads(sent.body)["model"] == "m-v2"  # and its own rewrite of the client's body
+    assert sent.end_of_stream
+
+
+async def test_a_handoff_is_taken_once(epp: EppServer) -> None:
+    """A second stream bringing the same key (a retry) is picked on its own, not given the first one's pick."""
+    key, _ = await http_pick_with_rewrite(epp)
+    first = await exchange(epp, handoff_stream(key), 2)
+    assert pick_key(first[0].request_headers.response) == ""  # the HTTP pick named the exchange already
+    second = await exchange(epp, handoff_stream(key), 2)
+    own = pick_key(second[0].request_headers.response)
+    assert own
+    assert own != key
+    assert own in epp.exchanges.open_exchanges

@@ -10,6 +10,7 @@ from epp.server import EppServer
 from tests.extproc_messages import (
     BUFFERED,
     FULL,
+    Stream,
     body_msg,
     completion,
     dest_header,
@@ -120,3 +121,57 @@ async def test_a_vanished_endpoint_mid_request_is_harmless(epp: EppServer) -> No
         out = await exchange(epp, [headers_msg(), body_msg(completion())], 2)
         assert dest_header(out[1].request_body.response) in {ep.hostport for ep in survivors}
 
+
+# --- messages out of order: a stream opens at most one exchange, and answers what Envoy waits for ---
+
+def inflight(epp: EppServer) -> int:
+    return sum(ep.inflight for ep in epp.datastore.all_endpoints())
+
+
+async def test_a_second_request_headers_after_the_pick_does_not_pick_again(epp: EppServer) -> None:
+    stream = Stream(epp)
+    stream.send(headers_msg(), body_msg(completion()))
+    _, routed = await stream.read(2)
+    dest = dest_header(routed.request_body.response)
+    stream.send(headers_msg(), body_msg(completion()))  # a proxy bug, or a forged replay
+    again = await stream.read(2)
+    assert [r.WhichOneof("response") for r in again] == ["request_headers", "request_body"]
+    assert not again[0].request_headers.response.HasField("header_mutation")
+    assert not again[1].request_body.response.HasField("header_mutation")  # a plain continue, no new pick
+    assert inflight(epp) == 1
+    assert epp.datastore.get(dest).inflight == 1
+    assert len(epp.exchanges) == 1
+    stream.close()
+    assert await stream.rest() == []
+    await until(lambda: inflight(epp) == 0, what="the one pick to be released")
+    assert len(epp.exchanges) == 0
+
+
+@pytest.mark.parametrize("eos", [False, True])
+async def test_a_large_body_chunk_after_the_pick_is_forwarded_whole(epp: EppServer, eos: bool) -> None:
+    """FULL_DUPLEX_STREAMED: epp sends the body on itself, in messages of at most 62,000 bytes; a chunk
+    that arrives after the pick goes on in as many messages as it needs, none of it lost."""
+    stream = Stream(epp)
+    stream.send(headers_msg("/v1/models", eos=True, mode=FULL))  # routed on its headers
+    [routed] = await stream.read()
+    assert dest_header(routed.request_headers.response) in epp.opts.endpoints
+    late = bytes(range(256)) * 600  # 153,600 bytes, over the 4096-byte limit for bodies epp reads
+    stream.send(body_msg(late, eos=eos))
+    sent = [r.request_body.response.body_mutation.streamed_response for r in await stream.read(3)]
+    assert b"".join(s.body for s in sent) == late
+    assert [len(s.body) for s in sent] == [62_000, 62_000, 29_600]
+    assert [s.end_of_stream for s in sent] == [False, False, eos]
+    stream.close()
+    assert await stream.rest() == []
+
+
+async def test_a_body_before_the_headers_is_answered_nothing_and_breaks_nothing(epp: EppServer) -> None:
+    stream = Stream(epp)
+    stream.send(body_msg(b'{"model": "stale", "prompt": ', eos=False), headers_msg(), body_msg(completion()))
+    first, routed = await stream.read(2)
+    assert first.WhichOneof("response") == "request_headers"  # the stray body got no answer
+    assert routed.WhichOneof("response") == "request_body"
+    assert dest_header(routed.request_body.response) in epp.opts.endpoints  # the body parsed whole: no 400
+    assert inflight(epp) == 1
+    stream.close()
+    assert await stream.rest() == []

@@ -1,0 +1,103 @@
+"""The command line (epp.cli) as the Go EPP is run: `epp --flag ...` means `epp serve`, Go's flags work.
+
+Flags the Go EPP has and epp accepts without effect are named in a warning at start-up;
+bool flags take Go's forms (--flag, --flag=true, --flag=false); anything unknown fails
+with argparse's exit code 2, before anything starts.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from epp import cli
+from epp.server import EppServer
+from epp.stack import free_ports, grpc_serving, wait_until
+
+
+def serve_args(*argv: str):
+    return cli.build_parser().parse_args(["serve", *argv])
+
+
+def test_go_style_command_line_runs_serve_and_names_the_no_effect_flags() -> None:
+    """The binary as the Go EPP's manifests run it: flags first, no sub-command."""
+    grpc_port, health_port, pool_port = free_ports(3)
+    argv = [sys.executable, "-m", "epp", "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
+            "--metrics-port", "0", "--http-pick-port", "0", "--bind-address", "127.0.0.1",
+            "--endpoints", f"127.0.0.1:{pool_port}", "--pool-group", "inference.networking.k8s.io",
+            "--tracing=false", "--zap-encoder", "json"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: proc.poll() is not None or grpc_serving(health_port), 30, "epp to serve health")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    for flag in ("--pool-group", "--tracing", "--zap-encoder"):
+        assert f"flag {flag} is accepted for Go EPP compatibility and has no effect in epp" in err
+    assert "--grpc-port is accepted" not in err
+
+
+def test_no_effect_flags_are_reported_by_name_only_when_given() -> None:
+    args = serve_args("--grpc-port", "9", "--zap-encoder", "json", "--enable-pprof", "--secure-serving=false")
+    assert cli.no_effect_flags(args) == ["--zap-encoder", "--enable-pprof", "--secure-serving"]
+    assert cli.no_effect_flags(serve_args("--grpc-port", "9", "--v", "4")) == []
+
+
+@pytest.mark.parametrize("flag", ["--tracing", "--ha-enable-leader-election", "--zap-devel"])
+@pytest.mark.parametrize(("form", "value"), [("", True), ("=true", True), ("=false", False), ("=True", True),
+                                             ("=0", False)])
+def test_go_bool_flags_take_go_forms(flag: str, form: str, value: bool) -> None:
+    args = serve_args(flag + form)
+    assert getattr(args, flag[2:].replace("-", "_")) is value
+
+
+@pytest.mark.parametrize(("form", "skip_verify"), [(None, True), ("", True), ("=true", True), ("=false", False)])
+def test_insecure_skip_verify_reaches_the_scraper(form: str | None, skip_verify: bool) -> None:
+    """--model-server-metrics-https-insecure-skip-verify=false turns certificate verification on (default off,
+    as the Go EPP)."""
+    flags = ["--model-server-metrics-scheme", "https"]
+    if form is not None:
+        flags.append("--model-server-metrics-https-insecure-skip-verify" + form)
+    opts = cli._options(serve_args(*flags))
+    assert opts.model_server_metrics_insecure_skip_verify is skip_verify
+    server = EppServer(opts)  # nothing listens until start()
+    assert server.scraper.verify_tls is (not skip_verify)
+
+
+def test_durations_are_go_strings() -> None:
+    opts = cli._options(serve_args("--refresh-metrics-interval", "250ms", "--metrics-staleness-threshold", "1m30s",
+                                   "--grace-period", "5"))
+    assert (opts.refresh_metrics_interval, opts.metrics_staleness_threshold, opts.grace_period) == (0.25, 90.0, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--grpc-port", "9", "--no-such-flag", "x"], "unrecognized arguments: --no-such-flag x"),
+        (["serve", "--grpc-port", "nine"], "argument --grpc-port: invalid int value: 'nine'"),
+        (["--tracing=maybe"], "argument --tracing: expected true or false, got 'maybe'"),
+        (["--refresh-metrics-interval", "1d"], "argument --refresh-metrics-interval: invalid duration '1d'"),
+        (["--model-server-metrics-scheme", "ftp"], "argument --model-server-metrics-scheme: invalid choice"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_flag(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_no_arguments_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    out = capsys.readouterr().out
+    assert "serve" in out
+    assert "demo" in out
