@@ -17,7 +17,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
 
 from epp.server import EppServer, ServeOptions
 from epp.stack import free_ports
-from tests.helpers import StartEpp
+
+# As tests.helpers.StartEpp, which test files annotate with. This file imports nothing from tests/,
+# so that a test file that needs no helper also runs under a bare `pytest` (without the repository
+# root on sys.path).
+StartEpp = Callable[..., Awaitable[EppServer]]
 
 
 @pytest.fixture
