@@ -1,1 +1,1 @@
-"""Where the pool's endpoints come from: a static list (files and Kubernetes follow)."""
+"""Where the pool comes from: a static list, manifest files, or the Kubernetes API; one snapshot path for all."""
