@@ -27,8 +27,7 @@ def test_go_style_command_line_runs_serve_and_names_the_no_effect_flags() -> Non
     grpc_port, health_port, pool_port = free_ports(3)
     argv = [sys.executable, "-m", "epp", "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
             "--metrics-port", "0", "--http-pick-port", "0", "--bind-address", "127.0.0.1",
-            "--endpoints", f"127.0.0.1:{pool_port}", "--pool-group", "inference.networking.k8s.io",
-            "--tracing=false", "--zap-encoder", "json"]
+            "--endpoints", f"127.0.0.1:{pool_port}", "--tracing=false", "--zap-encoder", "json", "--enable-pprof"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: proc.poll() is not None or grpc_serving(health_port), 30, "epp to serve health")
@@ -40,14 +39,14 @@ def test_go_style_command_line_runs_serve_and_names_the_no_effect_flags() -> Non
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err
-    for flag in ("--pool-group", "--tracing", "--zap-encoder"):
+    for flag in ("--tracing", "--zap-encoder", "--enable-pprof"):
         assert f"flag {flag} is accepted for Go EPP compatibility and has no effect in epp" in err
     assert "--grpc-port is accepted" not in err
 
 
 def test_no_effect_flags_are_reported_by_name_only_when_given() -> None:
-    args = serve_args("--grpc-port", "9", "--zap-encoder", "json", "--enable-pprof", "--secure-serving=false")
-    assert cli.no_effect_flags(args) == ["--zap-encoder", "--enable-pprof", "--secure-serving"]
+    args = serve_args("--grpc-port", "9", "--zap-encoder", "json", "--enable-pprof", "--tracing=false")
+    assert cli.no_effect_flags(args) == ["--zap-encoder", "--tracing", "--enable-pprof"]
     assert cli.no_effect_flags(serve_args("--grpc-port", "9", "--v", "4")) == []
 
 
@@ -63,7 +62,7 @@ def test_go_bool_flags_take_go_forms(flag: str, form: str, value: bool) -> None:
 def test_insecure_skip_verify_reaches_the_scraper(form: str | None, skip_verify: bool) -> None:
     """--model-server-metrics-https-insecure-skip-verify=false turns certificate verification on (default off,
     as the Go EPP)."""
-    flags = ["--model-server-metrics-scheme", "https"]
+    flags = ["--endpoints", "127.0.0.1:9", "--model-server-metrics-scheme", "https"]
     if form is not None:
         flags.append("--model-server-metrics-https-insecure-skip-verify" + form)
     opts = cli._options(serve_args(*flags))
