@@ -12,6 +12,7 @@ are skipped elsewhere.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from epp.envoy import EnvoyOptions, EnvoyProcess
 from epp.extproc.processor import SERVICE
 from epp.stack import Stack, StackOptions, free_ports, wait_until
-from tests.test_tls import TLS_EPP, TlsEnvoy, handshake
+from tests.test_tls import Issuer, SecretVolume, VerifyingEnvoy, handshake
 
 pytestmark = pytest.mark.integration
 
@@ -109,20 +110,17 @@ class Container:
 
 @pytest.fixture
 def run_epp(image) -> Iterator[Callable[..., Container]]:
-    """Runs the image as the cluster does, with these args (after the ports) and env; removed after the test."""
+    """Runs the image as the cluster does: `run(args, env=..., volumes={host_dir: container_dir})`, the args
+    after free loopback ports; volumes are mounted read-only. Each container is removed after the test."""
     started: list[Container] = []
 
     def run(args: list[str], *, env: dict[str, str] | None = None, ports: EppPorts | None = None,
-            entrypoint: list[str] | None = None, volumes: dict[str, str] | None = None) -> Container:
+            volumes: dict[str, str] | None = None) -> Container:
         ports = ports or EppPorts.free()
         c = Container(f"epp-test-{uuid.uuid4().hex[:10]}", ports, args)
         opts = [f"--env={k}={v}" for k, v in (env or {}).items()]
         opts += [f"--volume={host}:{inside}:ro" for host, inside in (volumes or {}).items()]
-        cmd = list(entrypoint or [])
-        if entrypoint:
-            opts += ["--entrypoint", cmd.pop(0)]
-        docker("run", "--detach", "--name", c.name, *RUN_AS_THE_CLUSTER_DOES, *opts, image, *cmd, *ports.flags(),
-               *args)
+        docker("run", "--detach", "--name", c.name, *RUN_AS_THE_CLUSTER_DOES, *opts, image, *ports.flags(), *args)
         started.append(c)
         return c
 
@@ -199,8 +197,6 @@ def test_image_adds_epp_and_nothing_of_the_checkout(image) -> None:
 
 
 def test_image_config_runs_as_upstreams_container(image) -> None:
-    import json
-
     cfg = json.loads(docker("image", "inspect", "-f", "{{json .Config}}", image).stdout)
     assert cfg["User"] == "65532:65532"
     assert set(cfg["ExposedPorts"]) == {"9002/tcp", "9003/tcp", "9004/tcp", "9090/tcp"}
@@ -217,31 +213,43 @@ def test_a_bad_flag_stops_the_container_with_the_reason(image) -> None:
 
 # --- running it --------------------------------------------------------------------------------
 
-def test_serves_a_static_pool_read_only_and_non_root(run_epp, pool, tmp_path) -> None:
-    c = run_epp(["--endpoints", ",".join(pool.endpoints), "--explain-headers", "--secure-serving=false"])
+def test_serves_a_static_pool_over_tls_read_only_and_non_root(run_epp, pool) -> None:
+    # Defaults as upstream: TLS on the ext_proc port with a self-signed certificate made at start;
+    # the shipped Envoy bootstrap speaks TLS (ALPN h2) to it without verifying it.
+    c = run_epp(["--endpoints", ",".join(pool.endpoints), "--explain-headers"])
     c.wait_serving()
     assert health(c.ports.health, SERVICE) == "SERVING"
     assert health(c.ports.health, "liveness") == "SERVING"
+    assert handshake(c.ports.grpc)[1] == "h2"
     lp, admin = free_ports(2)
     with EnvoyProcess(EnvoyOptions(lp, c.ports.grpc, admin)) as envoy:
         envoy.wait_ready(30)
         pick_through_envoy(envoy, pool)
-    # /metrics answers, and counted the request.
+    # /metrics answers (no Kubernetes API, so no auth), and counted the request.
     assert metric_total(c.ports.metrics, "inference_objective_request_total") >= 1
     assert c.running(), c.logs()
 
 
-def test_routes_through_envoy_over_tls(run_epp, pool) -> None:
-    # The image's epp with its ext_proc port on TLS (a self-signed certificate made at start), and
-    # Envoy's ext_proc cluster on TLS with ALPN h2, as upstream's configs (not verifying it).
-    c = run_epp(["--endpoints", ",".join(pool.endpoints), "--explain-headers"],
-                entrypoint=["/opt/epp/bin/python", "-c", TLS_EPP, ""])
+def test_serves_a_mounted_certificate_to_a_verifying_envoy(run_epp, pool, tmp_path) -> None:
+    # A TLS Secret mounted read-only, as the kubelet does; files 0644, owned by root, read by uid 65532.
+    ca = Issuer("cluster CA")
+    SecretVolume(tmp_path / "certs").write(ca.leaf())
+    (tmp_path / "ca.crt").write_bytes(ca.pem)
+    c = run_epp(["--endpoints", ",".join(pool.endpoints), "--explain-headers", "--cert-path", "/etc/epp/certs",
+                 "--enable-cert-reload"], volumes={str(tmp_path / "certs"): "/etc/epp/certs"})
     c.wait_serving()
-    assert handshake(c.ports.grpc)[1] == "h2"
     lp, admin = free_ports(2)
-    envoy = TlsEnvoy(EnvoyOptions(lp, c.ports.grpc, admin), None)
-    with envoy:
+    with VerifyingEnvoy(EnvoyOptions(lp, c.ports.grpc, admin), str(tmp_path / "ca.crt")) as envoy:
         envoy.wait_ready(30)
         pick_through_envoy(envoy, pool)
     assert c.running(), c.logs()
 
+
+def test_serves_plaintext_when_asked(run_epp, pool) -> None:
+    c = run_epp(["--endpoints", ",".join(pool.endpoints), "--explain-headers", "--secure-serving=false"])
+    c.wait_serving()
+    lp, admin = free_ports(2)
+    with EnvoyProcess(EnvoyOptions(lp, c.ports.grpc, admin, extproc_tls=False)) as envoy:
+        envoy.wait_ready(30)
+        pick_through_envoy(envoy, pool)
+    assert c.running(), c.logs()

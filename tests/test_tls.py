@@ -389,61 +389,31 @@ def test_reload_without_cert_path_is_said_not_silent(caplog) -> None:
     assert "--enable-cert-reload has no effect without --cert-path" in caplog.text
 
 
-# --- through a real Envoy ----------------------------------------------------------------------
+# --- the real epp, through a real Envoy -------------------------------------------------------
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
-# Until `epp serve --secure-serving/--cert-path` are wired, the real epp (its CLI, EppServer, all of
-# it) runs with its ext_proc port bound through epp.tls.
-TLS_EPP = """
-import sys
-from epp import cli, server, tls
-cert_path, argv = sys.argv[1] or None, sys.argv[2:]
-creds = tls.server_credentials(cert_path)
 
-class TlsEpp(server.EppServer):
-    def _bind(self, srv, port):
-        if port != self.opts.grpc_port:
-            return super()._bind(srv, port)
-        addr = f"{self.opts.bind_address}:{port}"
-        if srv.add_secure_port(addr, creds) == 0:
-            raise OSError(f"cannot listen on {addr}")
-
-server.EppServer = TlsEpp
-sys.exit(cli.main(["serve", *argv]))
-"""
-
-
-def with_tls_to_epp(cfg: dict[str, Any], trusted_ca: str | None = None) -> dict[str, Any]:
-    """The bootstrap with TLS on its ext_proc cluster (what the report gives the shipped bootstraps):
-    ALPN h2 on the connections and on the health checks; epp's certificate verified against
-    `trusted_ca` (a file) for the name localhost, or, as upstream's configs, not verified."""
-    common: dict[str, Any] = {"alpn_protocols": ["h2"]}
-    if trusted_ca:
-        common["validation_context"] = {
-            "trusted_ca": {"filename": trusted_ca},
-            "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "localhost"}}],
-        }
+def verifying(cfg: dict[str, Any], trusted_ca: str) -> dict[str, Any]:
+    """The shipped bootstrap (TLS to epp, ALPN h2, epp's certificate not verified, as upstream's
+    configs) made to verify epp's certificate against the CA in `trusted_ca`, for the name localhost."""
     cluster = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "ext_proc")
-    cluster["transport_socket"] = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "common_tls_context": common,
-        },
+    common = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    assert common["alpn_protocols"] == ["h2"]
+    common["validation_context"] = {
+        "trusted_ca": {"filename": trusted_ca},
+        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "localhost"}}],
     }
-    for hc in cluster.get("health_checks", []):
-        hc["tls_options"] = {"alpn_protocols": ["h2"]}
     return cfg
 
 
-class TlsEnvoy(EnvoyProcess):
-    def __init__(self, opts: EnvoyOptions, trusted_ca: str | None) -> None:
+class VerifyingEnvoy(EnvoyProcess):
+    def __init__(self, opts: EnvoyOptions, trusted_ca: str) -> None:
         super().__init__(opts)
         self.trusted_ca = trusted_ca
 
     def config(self) -> dict[str, Any]:
-        return with_tls_to_epp(render(self.opts), self.trusted_ca)
+        return verifying(render(self.opts), self.trusted_ca)
 
 
 @pytest.fixture(scope="module")
@@ -454,24 +424,27 @@ def simulators():
     stack.stop()
 
 
+def epp_serve(*flags: str, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "epp", "serve", *flags], stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("verify", ["self-signed, not verified", "cert-path, verified", "cert-path, wrong CA"])
 def test_envoy_routes_through_epp_over_tls(simulators, tmp_path, verify) -> None:
-    cert_path = trusted = ""
+    grpc_port, health_port, metrics_port, listen, admin = free_ports(5)
+    flags = ["--endpoints", ",".join(simulators.endpoints), "--grpc-port", str(grpc_port),
+             "--grpc-health-port", str(health_port), "--metrics-port", str(metrics_port), "--http-pick-port", "0",
+             "--bind-address", "127.0.0.1"]
+    envoy = EnvoyProcess(EnvoyOptions(listen, grpc_port, admin))  # the shipped bootstrap: TLS on by default
     if verify != "self-signed, not verified":
         ca = Issuer("epp CA")
         SecretVolume(tmp_path / "certs").write(ca.leaf())
         (tmp_path / "ca.crt").write_bytes((ca if verify == "cert-path, verified" else Issuer("other CA")).pem)
-        cert_path, trusted = str(tmp_path / "certs"), str(tmp_path / "ca.crt")
-    grpc_port, health_port, metrics_port, listen, admin = free_ports(5)
-    log = open(tmp_path / "epp.log", "wb")  # noqa: SIM115 - closed below
-    epp = subprocess.Popen(
-        [sys.executable, "-c", TLS_EPP, cert_path, "--endpoints", ",".join(simulators.endpoints),
-         "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port), "--metrics-port", str(metrics_port),
-         "--http-pick-port", "0", "--bind-address", "127.0.0.1"],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    envoy = TlsEnvoy(EnvoyOptions(listen, grpc_port, admin), trusted or None)
+        flags += ["--cert-path", str(tmp_path / "certs")]
+        envoy = VerifyingEnvoy(EnvoyOptions(listen, grpc_port, admin), str(tmp_path / "ca.crt"))
+    epp = epp_serve(*flags, log=tmp_path / "epp.log")
     try:
         wait_until(lambda: epp.poll() is not None or grpc_serving(health_port), 30, "epp health")
         assert epp.poll() is None, (tmp_path / "epp.log").read_text()
@@ -502,4 +475,22 @@ def test_envoy_routes_through_epp_over_tls(simulators, tmp_path, verify) -> None
         envoy.stop()
         epp.terminate()
         epp.wait(timeout=30)
-        log.close()
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--cert-path", "/nonexistent/certs"], "epp: --cert-path /nonexistent/certs: cannot read tls.crt"),
+    (["--tls-min-version", "VersionTLS13"], "epp: --tls-min-version VersionTLS13 cannot be enforced"),
+])
+def test_epp_serve_refuses_tls_it_cannot_serve_at_start(tmp_path, flags, says) -> None:
+    grpc_port, health_port, metrics_port = free_ports(3)
+    epp = epp_serve("--endpoints", "127.0.0.1:1", "--grpc-port", str(grpc_port), "--grpc-health-port",
+                    str(health_port), "--metrics-port", str(metrics_port), "--http-pick-port", "0",
+                    "--bind-address", "127.0.0.1", *flags, log=tmp_path / "epp.log")
+    try:
+        assert epp.wait(timeout=30) == 1
+    finally:
+        if epp.poll() is None:
+            epp.kill()
+    out = (tmp_path / "epp.log").read_text()
+    assert says in out, out
+    assert "Traceback" not in out, out
