@@ -19,14 +19,11 @@ log = logging.getLogger("epp")
 # Go EPP flags that epp accepts so its manifests work unchanged, but that change nothing here.
 # Each one given is named in a warning at start-up.
 _ACCEPTED_GO_FLAGS_WITH_VALUE = (
-    "--pool-group", "--endpoint-selector", "--endpoint-target-ports", "--cert-path",
     "--zap-encoder", "--zap-log-level", "--zap-stacktrace-level", "--zap-time-encoding",
     "--cache-info-metric",
 )
 _ACCEPTED_GO_BOOL_FLAGS = (
-    "--ha-enable-leader-election", "--tracing", "--health-checking", "--enable-pprof",
-    "--enable-cert-reload", "--secure-serving", "--metrics-endpoint-auth", "--disable-endpoint-subset-filter",
-    "--zap-devel",
+    "--tracing", "--health-checking", "--enable-pprof", "--disable-endpoint-subset-filter", "--zap-devel",
 )
 
 
@@ -35,6 +32,22 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _text(text: str) -> str:
+    """A string flag's value. The upstream chart renders some as --flag="value", and no shell removes
+    the quotes from a container's args: one surrounding pair is dropped, as the Go EPP reads them."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1]
+    return text
+
+
+def _ports(text: str) -> list[int]:
+    """A Go IntSlice: '8000,8001' (the flag may also be repeated)."""
+    try:
+        return [int(p) for p in _text(text).split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected port numbers separated by commas, got {text!r}") from None
 
 
 def _bool(text: str) -> bool:
@@ -53,16 +66,42 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--http-pick-port", type=int, default=9004,
                    help="the pick over HTTP for Envoy's ext_authz, the http-pick Envoy layout (default 9004; 0: off)")
     g.add_argument("--bind-address", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    g = p.add_argument_group("pool")
+    g = p.add_argument_group("pool: from the Kubernetes API (as the Go EPP), a static list, or a file")
+    g.add_argument("--pool-name", type=_text, default="",
+                   help="the InferencePool to serve, watched through the Kubernetes API")
+    g.add_argument("--pool-namespace", type=_text, default="",
+                   help="its namespace (default: $NAMESPACE, else the pod's own namespace, else default)")
+    g.add_argument("--pool-group", type=_text, default="inference.networking.k8s.io",
+                   help="the InferencePool's API group: inference.networking.k8s.io (v1, default) or "
+                        "inference.networking.x-k8s.io (v1alpha2)")
+    g.add_argument("--endpoint-selector", type=_text, default="",
+                   help="pool-less mode: a label selector for the model-server pods (no InferencePool)")
+    g.add_argument("--endpoint-target-ports", type=_ports, action="extend", default=[], metavar="PORT[,PORT...]",
+                   help="pool-less mode: the model servers' ports (one endpoint per port)")
+    g.add_argument("--kubeconfig", type=_text, default=None,
+                   help="kubeconfig file (default: $KUBECONFIG, the in-cluster service account, ~/.kube/config)")
+    g.add_argument("--ha-enable-leader-election", nargs="?", const=True, type=_bool, default=False, metavar="BOOL",
+                   help="several replicas: a coordination.k8s.io Lease picks the one that is ready; standbys "
+                        "keep their state warm and take over when it lapses (default false)")
     g.add_argument("--endpoints", action="append", default=[], metavar="IP:PORT[,IP:PORT...]",
                    help="a static pool of model servers, for running without Kubernetes")
-    g.add_argument("--pool-file", metavar="YAML",
+    g.add_argument("--pool-file", type=_text, metavar="YAML",
                    help="InferencePool, Pods, InferenceObjectives and InferenceModelRewrites as Kubernetes "
                         "manifests; re-read when it changes (running without a cluster)")
     g.add_argument("--pool-file-reload-interval", type=_duration, default=1.0,
                    help="how often --pool-file is checked for changes (1s)")
-    g.add_argument("--pool-name", default="default", help="InferencePool name (labels pool metrics)")
-    g.add_argument("--pool-namespace", default="default")
+    g = p.add_argument_group("TLS on the ext_proc port (as the Go EPP)")
+    g.add_argument("--secure-serving", nargs="?", const=True, type=_bool, default=True, metavar="BOOL",
+                   help="serve ext_proc over TLS (default true); the health port stays plaintext for kubelet")
+    g.add_argument("--cert-path", type=_text, default=None,
+                   help="directory with tls.crt and tls.key (default: a self-signed certificate made at start)")
+    g.add_argument("--enable-cert-reload", nargs="?", const=True, type=_bool, default=False, metavar="BOOL",
+                   help="use a rotated pair in --cert-path for new connections, without dropping streams")
+    g.add_argument("--tls-min-version", type=_text, default=None,
+                   help="VersionTLS12 (what gRPC serves: TLS 1.2 and 1.3); other values are refused")
+    g.add_argument("--metrics-endpoint-auth", nargs="?", const=True, type=_bool, default=None, metavar="BOOL",
+                   help="/metrics only for callers whose bearer token may get /metrics (TokenReview and "
+                        "SubjectAccessReview; default true where epp has a Kubernetes API)")
     g = p.add_argument_group("model-server metrics")
     g.add_argument("--refresh-metrics-interval", type=_duration, default=0.05, help="scrape interval (50ms)")
     g.add_argument("--refresh-prometheus-metrics-interval", type=_duration, default=5.0,
@@ -70,22 +109,22 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-staleness-threshold", type=_duration, default=2.0,
                    help="older metrics count as unknown (2s)")
     g.add_argument("--metrics-scrape-timeout", type=_duration, default=1.0, help="per-scrape timeout (1s)")
-    g.add_argument("--model-server-metrics-path", default="/metrics")
+    g.add_argument("--model-server-metrics-path", type=_text, default="/metrics")
     g.add_argument("--model-server-metrics-scheme", default="http", choices=("http", "https"))
     g.add_argument("--model-server-metrics-port", type=int, default=None,
                    help="scrape this port instead of the serving port")
-    g.add_argument("--engine-type", default="vllm", help="metric names: vllm, sglang or trtllm-serve")
-    g.add_argument("--total-queued-requests-metric")
-    g.add_argument("--total-running-requests-metric")
-    g.add_argument("--kv-cache-usage-percentage-metric")
-    g.add_argument("--lora-info-metric")
+    g.add_argument("--engine-type", type=_text, default="vllm", help="metric names: vllm, sglang or trtllm-serve")
+    g.add_argument("--total-queued-requests-metric", type=_text)
+    g.add_argument("--total-running-requests-metric", type=_text)
+    g.add_argument("--kv-cache-usage-percentage-metric", type=_text)
+    g.add_argument("--lora-info-metric", type=_text, help="the LoRA info metric; an empty value turns LoRA off")
     g.add_argument("--model-server-metrics-https-insecure-skip-verify", nargs="?", const=True, type=_bool,
                    default=True, metavar="BOOL",
                    help="with --model-server-metrics-scheme https: do not verify the servers' certificates "
                         "(default true, as the Go EPP)")
     g = p.add_argument_group("scheduling")
-    g.add_argument("--config-file", help="EndpointPickerConfig YAML (GIE format)")
-    g.add_argument("--config-text", help="EndpointPickerConfig YAML given inline")
+    g.add_argument("--config-file", type=_text, help="EndpointPickerConfig YAML (GIE format)")
+    g.add_argument("--config-text", type=_text, help="EndpointPickerConfig YAML given inline")
     g.add_argument("--seed", type=int, default=None, help="seed tie-breaking randomness (tests, benchmarks)")
     g = p.add_argument_group("requests")
     g.add_argument("--max-request-body-bytes", type=int, default=16 << 20,
@@ -125,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a request header, e.g. 'x-gateway-inference-objective: batch'")
     ex.add_argument("--subset", action="append", default=[], metavar="IP:PORT", help="restrict to these endpoints")
     ex.add_argument("--json", action="store_true", help="print the raw response as JSON")
+    ex.add_argument("--plaintext", action="store_true", help="epp serves without TLS (--secure-serving=false)")
+    ex.add_argument("--ca-file", help="verify epp's certificate against this CA (default: trust what it presents)")
     ex.add_argument("--timeout", type=_duration, default=5.0)
     ex.add_argument("body", help="the JSON request body, @FILE to read it from a file, or - for stdin")
     demo = sub.add_parser("demo", help="Envoy + epp + three simulated model servers, a few requests")
@@ -149,6 +190,16 @@ def _options(args: argparse.Namespace):
         pool_file_reload_interval=args.pool_file_reload_interval,
         pool_name=args.pool_name,
         pool_namespace=args.pool_namespace,
+        pool_group=args.pool_group,
+        endpoint_selector=args.endpoint_selector,
+        endpoint_target_ports=args.endpoint_target_ports,
+        kubeconfig=args.kubeconfig,
+        ha_enable_leader_election=args.ha_enable_leader_election,
+        secure_serving=args.secure_serving,
+        cert_path=args.cert_path,
+        enable_cert_reload=args.enable_cert_reload,
+        tls_min_version=args.tls_min_version,
+        metrics_endpoint_auth=args.metrics_endpoint_auth,
         refresh_metrics_interval=args.refresh_metrics_interval,
         refresh_prometheus_metrics_interval=args.refresh_prometheus_metrics_interval,
         metrics_staleness_threshold=args.metrics_staleness_threshold,
@@ -208,7 +259,10 @@ def _explain(args: argparse.Namespace) -> int:
         headers[name.strip().lower()] = value.strip()
     try:
         resp = explain.query(args.server, body, path=args.path, headers=headers, subset=args.subset,
-                             timeout=args.timeout)
+                             timeout=args.timeout, tls=not args.plaintext, ca_file=args.ca_file)
+    except OSError as e:
+        print(f"epp explain: {args.server}: {e}", file=sys.stderr)
+        return 1
     except grpc.RpcError as e:
         print(f"epp explain: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

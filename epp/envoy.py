@@ -67,6 +67,8 @@ class EnvoyOptions:
     observe_responses: bool = True
     response_body_mode: str = "FULL_DUPLEX_STREAMED"
     failure_mode_allow: bool = False
+    # epp's ext_proc port speaks TLS (epp's default, --secure-serving); False for --secure-serving=false.
+    extproc_tls: bool = True
     # Extra HTTP filters placed before ext_proc (tests use them to set a subset hint).
     filters_before_ext_proc: list[dict[str, Any]] = field(default_factory=list)
     response_headers_to_add: dict[str, str] = field(default_factory=dict)
@@ -128,6 +130,8 @@ def _add_access_log(hcm: dict[str, Any], opts: EnvoyOptions) -> None:
 def _set_ports(cfg: dict[str, Any], opts: EnvoyOptions) -> None:
     ports = {"ext_proc": opts.extproc_port, "epp_http_pick": opts.http_pick_port}
     for cluster in cfg["static_resources"]["clusters"]:
+        if cluster["name"] == "ext_proc" and not opts.extproc_tls:
+            cluster.pop("transport_socket", None)
         if cluster["name"] in ports:
             sa = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
             sa["socket_address"].update(address=opts.extproc_address, port_value=ports[cluster["name"]])

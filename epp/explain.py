@@ -7,6 +7,8 @@ score, the weighted total and the pick.
 
 from __future__ import annotations
 
+import ssl
+
 import grpc
 from google.protobuf import json_format
 
@@ -77,16 +79,31 @@ def explain(director: Director, request: pb.ExplainRequest) -> pb.ExplainRespons
 
 def _set_error(out: pb.ExplainResponse, e: errors.EppError) -> None:
     out.error.http_status, out.error.code = e.http_status, e.code
-    out.error.message, out.error.reason = e.message, e.reason
+    out.error.message, out.error.reason = e.message, e.reason or ""
+
+
+def channel(server: str, *, tls: bool = True, ca_file: str | None = None, timeout: float = 5.0) -> grpc.Channel:
+    """A blocking channel to epp's ext_proc port. With TLS and no CA file, the certificate the server
+    presents is trusted as it is (epp's default certificate is self-signed): this checks encryption,
+    not identity; give `ca_file` to verify the server."""
+    if not tls:
+        return grpc.insecure_channel(server)
+    if ca_file:
+        with open(ca_file, "rb") as f:
+            return grpc.secure_channel(server, grpc.ssl_channel_credentials(root_certificates=f.read()))
+    host, _, port = server.rpartition(":")
+    pem = ssl.get_server_certificate((host.strip("[]") or "localhost", int(port)), timeout=timeout)
+    creds = grpc.ssl_channel_credentials(root_certificates=pem.encode())
+    return grpc.secure_channel(server, creds, options=[("grpc.ssl_target_name_override", "localhost")])
 
 
 def query(
     server: str, body: bytes, *, path: str = "/v1/completions", headers: dict[str, str] | None = None,
-    subset: list[str] | None = None, timeout: float = 5.0,
+    subset: list[str] | None = None, timeout: float = 5.0, tls: bool = True, ca_file: str | None = None,
 ) -> pb.ExplainResponse:
     """Ask a running epp to explain a request (blocking client, for the CLI and scripts)."""
-    with grpc.insecure_channel(server) as channel:
-        stub = pb_grpc.ExplainStub(channel)
+    with channel(server, tls=tls, ca_file=ca_file, timeout=timeout) as channel_:
+        stub = pb_grpc.ExplainStub(channel_)
         request = pb.ExplainRequest(path=path, headers=headers or {}, body=body, subset=subset or [])
         return stub.Explain(request, timeout=timeout)
 

@@ -1,22 +1,31 @@
 """Assemble and run the EPP: datastore, discovery, scraper, director, gRPC servers, HTTP pick, /metrics.
 
-Health (grpc.health.v1) answers SERVING only once the pool is known, for the empty
-service name, the ext_proc service name, "readiness" and "liveness", on the health
-port and on the ext_proc port (so an Envoy health check of the ext_proc cluster
-works too). SIGTERM: health goes NOT_SERVING, new streams are refused, streams in
-flight get `grace_period` to finish.
+Discovery is one of three sources, all feeding the datastore through one snapshot path:
+a static list (`--endpoints`), a pool file (`--pool-file`), or the Kubernetes API
+(`--pool-name` or `--endpoint-selector`, as the Go EPP runs in a cluster).
+
+Health (grpc.health.v1), on the health port and on the ext_proc port (so an Envoy
+health check of the ext_proc cluster works too): `liveness` is SERVING while the
+process runs; every other name the upstream charts and probes use ("", the ext_proc
+service, `inference-extension`, `readiness`) is SERVING only once the pool is synced,
+and, with `--ha-enable-leader-election`, only on the leader. A standby keeps its
+datastore warm and takes over when the leader's Lease lapses. SIGTERM: health goes
+NOT_SERVING, new streams are refused, streams in flight get `grace_period` to finish.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from epp import tls
 from epp._proto import explain_pb2_grpc
 from epp.datalayer import engines
 from epp.datalayer.scraper import MetricsScraper
@@ -31,13 +40,26 @@ from epp.extproc.processor import SERVICE, ExternalProcessor
 from epp.handoff import Handoffs
 from epp.http_pick import HttpPick
 from epp.metrics import EppMetrics
+from epp.metrics_endpoint import MetricsEndpoint
 from epp.rewrites import ModelRewrites
 from epp.scheduling import picker_config
 from epp.scheduling.framework import PrefixIndexHolder
 
+if TYPE_CHECKING:
+    from lightkube import AsyncClient
+
+    from epp.discovery.kubernetes import KubernetesDiscovery
+    from epp.leader_election import LeaderElector
+
 log = logging.getLogger(__name__)
 
-HEALTH_SERVICES = ("", SERVICE, "readiness", "liveness")
+LIVENESS = "liveness"
+# Every name that means "ready to route": upstream's charts probe `inference-extension`; Envoy's
+# health check of the ext_proc cluster asks for the ext_proc service; conformance manifests use "".
+READINESS_SERVICES = ("", SERVICE, "inference-extension", "readiness")
+HEALTH_SERVICES = (*READINESS_SERVICES, LIVENESS)
+POOL_GROUP = "inference.networking.k8s.io"
+DEFAULT_POOL_LABEL = "default"  # the pool label of epp's metrics when no pool is named
 
 
 @dataclass
@@ -50,8 +72,21 @@ class ServeOptions:
     endpoints: list[str] = field(default_factory=list)
     pool_file: str | None = None
     pool_file_reload_interval: float = 1.0
-    pool_name: str = "default"
-    pool_namespace: str = "default"
+    pool_name: str = ""
+    pool_namespace: str = ""  # "": $NAMESPACE, the service account's namespace, then "default"
+    pool_group: str = POOL_GROUP
+    endpoint_selector: str = ""  # pool-less mode: the pods' label selector
+    endpoint_target_ports: list[int] = field(default_factory=list)
+    kubeconfig: str | None = None
+    ha_enable_leader_election: bool = False
+    # TLS on the ext_proc port. The CLI's default is on, as the Go EPP; off here for in-process use.
+    secure_serving: bool = False
+    cert_path: str | None = None
+    enable_cert_reload: bool = False
+    tls_min_version: str | None = None
+    # /metrics behind TokenReview + SubjectAccessReview. None: the Go EPP's default, on where epp
+    # talks to a Kubernetes API, off (said once at start) for --endpoints and --pool-file.
+    metrics_endpoint_auth: bool | None = None
     refresh_metrics_interval: float = 0.05
     refresh_prometheus_metrics_interval: float = 5.0
     metrics_staleness_threshold: float = 2.0
@@ -72,6 +107,11 @@ class ServeOptions:
     observer_grace: float = 2.0
     grace_period: float = 30.0
     seed: int | None = None
+
+    @property
+    def from_kubernetes(self) -> bool:
+        """The pool comes from the Kubernetes API (not --endpoints, not --pool-file)."""
+        return not self.endpoints and not self.pool_file and bool(self.pool_name or self.endpoint_selector)
 
 
 def load_picker_config(opts: ServeOptions) -> picker_config.PickerConfig:
@@ -99,14 +139,30 @@ def engine_mapper(opts: ServeOptions) -> dict[str, engines.EngineMapping]:
     return by_name
 
 
+def _check_pool_source(opts: ServeOptions) -> None:
+    if opts.endpoint_selector and opts.pool_name and not (opts.endpoints or opts.pool_file):
+        raise ConfigError("--pool-name and --endpoint-selector cannot both be set: name the InferencePool, "
+                          "or select its pods directly (pool-less mode), not both")
+    if opts.endpoint_target_ports and not opts.endpoint_selector:
+        raise ConfigError("--endpoint-target-ports needs --endpoint-selector")
+    if opts.endpoint_selector and not opts.endpoint_target_ports:
+        raise ConfigError("--endpoint-selector needs --endpoint-target-ports (the model servers' ports)")
+    if not (opts.endpoints or opts.pool_file or opts.pool_name or opts.endpoint_selector):
+        raise ConfigError("no pool to serve: give --pool-name (an InferencePool in Kubernetes), --endpoint-selector "
+                          "with --endpoint-target-ports, --endpoints IP:PORT,... or --pool-file FILE")
+
+
 class EppServer:
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
         # Fail at start-up, before binding anything, on any configuration problem.
+        _check_pool_source(opts)
         self.picker_config = load_picker_config(opts)
         self.engines = engine_mapper(opts)
+        self.tls = (tls.serving_tls(opts.cert_path, reload=opts.enable_cert_reload, min_version=opts.tls_min_version)
+                    if opts.secure_serving else None)
         self.datastore = Datastore(staleness=opts.metrics_staleness_threshold)
-        self.metrics = EppMetrics(opts.pool_name)
+        self.metrics = EppMetrics(opts.pool_name or DEFAULT_POOL_LABEL)
         self.director = Director(self.datastore, self.picker_config, self.metrics,
                                  explain_headers=opts.explain_headers)
         self.exchanges = Exchanges(self.director, self.metrics, observer_grace=opts.observer_grace)
@@ -127,6 +183,9 @@ class EppServer:
             verify_tls=not opts.model_server_metrics_insecure_skip_verify,
         )
         self.health = health_aio.HealthServicer()
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        self.kube_client: AsyncClient | None = None
+        self.leader: LeaderElector | None = None
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -134,16 +193,60 @@ class EppServer:
         self._started = False
         self.pool_file: manifests.PoolFileWatcher | None = None
         if opts.pool_file:
-            snap = manifests.read(opts.pool_file, opts.pool_name, opts.pool_namespace)
+            snap = manifests.read(opts.pool_file, opts.pool_name or DEFAULT_POOL_LABEL,
+                                  opts.pool_namespace or "default")
             if snap.has_pool and self.initial_endpoints:
                 raise manifests.ManifestError(
                     f"{opts.pool_file} defines an InferencePool and --endpoints lists a pool too; give one of them"
                 )
             self.apply_pool_file(snap)
             self.pool_file = manifests.PoolFileWatcher(
-                opts.pool_file, opts.pool_name, opts.pool_namespace, self.apply_pool_file,
-                interval=opts.pool_file_reload_interval,
+                opts.pool_file, opts.pool_name or DEFAULT_POOL_LABEL, opts.pool_namespace or "default",
+                self.apply_pool_file, interval=opts.pool_file_reload_interval,
             )
+        self.kubernetes: KubernetesDiscovery | None = None
+        if opts.from_kubernetes or opts.ha_enable_leader_election or opts.metrics_endpoint_auth:
+            self._build_kubernetes()
+
+    # --- Kubernetes --------------------------------------------------------------------
+    def _build_kubernetes(self) -> None:
+        """The API client and what uses it; every error here is a start-up error with the reason."""
+        from lightkube import AsyncClient
+
+        from epp.discovery import kubernetes
+        from epp.discovery.selectors import LabelSelector
+
+        opts = self.opts
+        conf = kubernetes.load_kube_config(opts.kubeconfig)
+        self.kube_client = client = AsyncClient(conf)
+        namespace = kubernetes.pool_namespace(opts.pool_namespace or None)
+        if opts.from_kubernetes:
+            selector = LabelSelector.parse(opts.endpoint_selector) if opts.endpoint_selector else None
+            self.kubernetes = kubernetes.KubernetesDiscovery(
+                client, self.apply_snapshot, pool_name=opts.pool_name, namespace=namespace,
+                pool_group=opts.pool_group, endpoint_selector=selector, target_ports=opts.endpoint_target_ports,
+            )
+        if opts.ha_enable_leader_election:
+            from epp.leader_election import LeaderElector, lease_name
+
+            owner = opts.pool_name or kubernetes.deployment_name(os.environ.get("POD_NAME"))
+            self.leader = LeaderElector(client, lease_name(namespace, owner), namespace,
+                                        on_change=lambda _: self._health_changed())
+
+    def apply_snapshot(self, snap: manifests.PoolSnapshot) -> None:
+        """Install what the Kubernetes API says. No pool (deleted, not there yet): no endpoints, not ready."""
+        self.datastore.objectives = snap.objectives
+        self.datastore.rewrites = ModelRewrites(snap.rewrites, seed=self.opts.seed)
+        if not snap.has_pool:
+            self.datastore.set_endpoints([])
+            self.datastore.pool_synced = False
+        else:
+            # One target port: --model-server-metrics-port may redirect scrapes; several: each its own.
+            metrics_port = self.opts.model_server_metrics_port if len(snap.target_ports) <= 1 else None
+            for ep in snap.endpoints:
+                ep.metrics_port = metrics_port
+            self.datastore.set_endpoints(snap.endpoints)
+        self._health_changed()
 
     def apply_pool_file(self, snap: manifests.PoolSnapshot) -> None:
         """Install what the pool file says: objectives and rewrites always, endpoints if it has a pool."""
@@ -161,53 +264,100 @@ class EppServer:
         engine = ep.labels.get(engines.ENGINE_LABEL, self.opts.engine_type)
         return self.engines.get(engine, self.engines[self.opts.engine_type])
 
+    # --- serving -----------------------------------------------------------------------------
     async def start(self) -> None:
         opts = self.opts
         main = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100000)])
         main.add_generic_rpc_handlers((self.processor.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
         explain_pb2_grpc.add_ExplainServicer_to_server(ExplainService(self.director), main)
-        self._bind(main, opts.grpc_port)
+        self._bind(main, opts.grpc_port, self.tls.credentials if self.tls else None)
         self._servers.append(main)
         if opts.grpc_health_port and opts.grpc_health_port != opts.grpc_port:
+            # Plaintext, as upstream: kubelet's gRPC probes do not speak TLS.
             hs = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, hs)
-            self._bind(hs, opts.grpc_health_port)
+            self._bind(hs, opts.grpc_health_port, None)
             self._servers.append(hs)
         if opts.metrics_port:
-            self.metrics.serve(opts.metrics_port, opts.bind_address)
-        for name in HEALTH_SERVICES:
+            await self._start_metrics()
+        for name in READINESS_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         for s in self._servers:
             await s.start()
         if self.http_pick is not None:
             await self.http_pick.start(opts.bind_address, opts.http_pick_port)
         self.scraper.start()
-        if self.initial_endpoints or self.pool_file is not None:
+        if self.initial_endpoints or self.pool_file is not None or opts.endpoints:
             self.datastore.set_endpoints(self.initial_endpoints)
         self._started = True
         await self._update_health()
         self._tasks.append(asyncio.create_task(self._pool_metrics_loop()))
         if self.pool_file is not None:
             self._tasks.append(asyncio.create_task(self.pool_file.run()))
+        if self.kubernetes is not None:
+            self._tasks.append(asyncio.create_task(self.kubernetes.run()))
+        if self.leader is not None:
+            self._tasks.append(asyncio.create_task(self.leader.run()))
         log.info(
-            "epp serving ext_proc on :%d, HTTP pick on :%s, health on :%d, metrics on :%d; pool %s with %d endpoints",
-            opts.grpc_port, opts.http_pick_port or "off", opts.grpc_health_port, opts.metrics_port, opts.pool_name,
-            len(self.datastore.all_endpoints()),
+            "epp serving ext_proc on :%d (%s), HTTP pick on :%s, health on :%d, metrics on :%d%s; pool %s",
+            opts.grpc_port, self.tls.describe() if self.tls else "plaintext", opts.http_pick_port or "off",
+            opts.grpc_health_port, opts.metrics_port,
+            " (behind TokenReview)" if self.metrics_endpoint and self.metrics_endpoint.authorizer else "",
+            self._pool_description(),
         )
 
-    def _bind(self, server: grpc.aio.Server, port: int) -> None:
+    def _pool_description(self) -> str:
+        o = self.opts
+        if self.kubernetes is not None:
+            what = f"pods matching {o.endpoint_selector!r}" if o.endpoint_selector else f"InferencePool {o.pool_name}"
+            return f"{what} from the Kubernetes API" + (", leader election on" if self.leader else "")
+        return f"{o.pool_name or DEFAULT_POOL_LABEL} with {len(self.datastore.all_endpoints())} endpoints"
+
+    async def _start_metrics(self) -> None:
+        opts = self.opts
+        authorizer = None
+        auth = opts.metrics_endpoint_auth
+        if auth is None:
+            auth = self.kube_client is not None
+            if not auth:
+                log.info("/metrics is served without authentication: --metrics-endpoint-auth needs a Kubernetes "
+                         "API (in a cluster, or --kubeconfig) and this pool comes from %s",
+                         "--pool-file" if opts.pool_file else "--endpoints")
+        if auth:
+            from epp.metrics_auth import KubernetesAuthorizer
+
+            assert self.kube_client is not None
+            authorizer = KubernetesAuthorizer(self.kube_client)
+        self.metrics_endpoint = MetricsEndpoint(self.metrics.registry, opts.bind_address, opts.metrics_port,
+                                                authorizer=authorizer)
+        await self.metrics_endpoint.start()
+
+    def _bind(self, server: grpc.aio.Server, port: int, credentials: grpc.ServerCredentials | None) -> None:
         addr = f"{self.opts.bind_address}:{port}"
-        if server.add_insecure_port(addr) == 0:
+        bound = server.add_secure_port(addr, credentials) if credentials else server.add_insecure_port(addr)
+        if bound == 0:
             raise OSError(f"cannot listen on {addr}")
 
+    @property
+    def ready(self) -> bool:
+        """Ready to route: the pool is synced, epp is not stopping, and (with HA) it leads."""
+        if self._stopping.is_set() or not self.datastore.pool_synced:
+            return False
+        if self.kubernetes is not None and not self.kubernetes.synced.is_set():
+            return False
+        return self.leader is None or self.leader.is_leader
+
+    def _health_changed(self) -> None:
+        if self._started:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._update_health()))
+
     async def _update_health(self) -> None:
-        serving = self.datastore.pool_synced and not self._stopping.is_set()
+        serving = self.ready
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in HEALTH_SERVICES:
-            if name != "liveness":
-                await self.health.set(name, status)
+        for name in READINESS_SERVICES:
+            await self.health.set(name, status)
         if self.http_pick is not None:
             self.http_pick.serving = serving
 
@@ -232,6 +382,12 @@ class EppServer:
         await asyncio.gather(*stops)
         for t in self._tasks:
             t.cancel()
+        # Cancelling the elector releases a held Lease: a standby takes over at once.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.stop()
+        if self.kube_client is not None:
+            await self.kube_client.close()
         self.scraper.stop()
         log.info("epp stopped")
 

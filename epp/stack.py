@@ -56,6 +56,7 @@ class StackOptions:
     response_body_mode: str = "FULL_DUPLEX_STREAMED"
     failure_mode_allow: bool = False
     layout: str = "ext-proc"  # or "http-pick" (see EnvoyOptions)
+    tls: bool = True  # epp serves ext_proc over TLS (its default) and Envoy speaks TLS to it
     envoy: EnvoyOptions | None = None  # overrides the above when given (ports are filled in)
     base_port: int | None = None
 
@@ -116,7 +117,8 @@ class Stack:
             "--endpoints", ",".join(self.endpoints),
             "--grpc-port", str(self.grpc_port), "--grpc-health-port", str(self.health_port),
             "--metrics-port", str(self.metrics_port), "--http-pick-port", str(self.http_pick_port),
-            "--bind-address", "127.0.0.1", *self.opts.epp_args, *(extra or []),
+            "--bind-address", "127.0.0.1", *([] if self.opts.tls else ["--secure-serving=false"]),
+            *self.opts.epp_args, *(extra or []),
         ])
         self.epp_proc = proc
         wait_until(lambda: proc.poll() is not None or self.epp_serving(), 30, f"epp health\n{self.log('epp')}")
@@ -131,6 +133,7 @@ class Stack:
         eo = self.opts.envoy or EnvoyOptions(0, 0, 0)
         eo.listen_port, eo.extproc_port, eo.admin_port = self.listen_port, self.grpc_port, self.admin_port
         eo.http_pick_port = self.http_pick_port
+        eo.extproc_tls = self.opts.tls
         if self.opts.envoy is None:
             eo.layout = self.opts.layout
             eo.request_body_mode = self.opts.request_body_mode

@@ -11,11 +11,11 @@ from typing import Any
 import yaml
 
 
-class LineDict(dict):  # type: ignore[type-arg]
+class LineDict(dict):
     line = 0
 
 
-class LineList(list):  # type: ignore[type-arg]
+class LineList(list):
     line = 0
 
 

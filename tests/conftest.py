@@ -69,3 +69,13 @@ async def start_epp() -> AsyncIterator[StartEpp]:
 async def epp(start_epp: StartEpp) -> EppServer:
     """epp with a pool of three endpoints (see `start_epp`)."""
     return await start_epp()
+
+
+@pytest.fixture
+def cluster(tmp_path: Any) -> Any:
+    """A stand-in Kubernetes API server (tests/kubeapi.py) with epp's service account and RBAC."""
+    from tests.kube_cluster import Cluster
+    from tests.kubeapi import KubeApi
+
+    with KubeApi() as api:
+        yield Cluster(api, tmp_path)

@@ -378,7 +378,11 @@ async def test_absent_crd_groups_are_not_watched_and_probed_again(api: KubeApi, 
         api.uninstall(X_GROUP, "inferenceobjectives")  # the CRD is deleted while watched: its objects go
         await d.until(lambda: d.last.objectives == {})
         assert d.endpoints() == [("a", "10.0.0.1:8000", True)]
-    # Once when absent at start, once more after it came and went: per absence, not per probe.
+        # Once when absent at start, once more after it came and went (at the next probe).
+        await d.until(lambda: len(messages(caplog, logging.INFO, "no InferenceObjective CRD is installed")) >= 2)
+        probes = api.calls_to("inferenceobjectives")
+        await d.until(lambda: api.calls_to("inferenceobjectives") >= probes + 3)
+    # Per absence, not per probe: the probes since said nothing more.
     assert len(messages(caplog, logging.INFO, "no InferenceObjective CRD is installed")) == 2
 
 

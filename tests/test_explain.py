@@ -19,13 +19,16 @@ from tests.helpers import StartEpp
 
 ROOT = Path(__file__).resolve().parent.parent
 # A profile that weighs the scraped queue and KV use (GIE's weights), so set_load decides the pick.
-LOAD_PROFILE = (ROOT / "bench" / "configs" / "default-until-2026-11-23.yaml").read_text()
+LOAD_PROFILE = (ROOT / "bench" / "configs" / "gie-weights.yaml").read_text()
 
 
 @pytest.fixture
 async def epp(start_epp: StartEpp) -> EppServer:
-    """This module's epp weighs the scraped load, and knows one sheddable objective ("batch")."""
-    server = await start_epp(config_text=LOAD_PROFILE)
+    """This module's epp weighs the scraped load, and knows one sheddable objective ("batch").
+
+    It serves TLS with its self-signed certificate, as `epp serve` does by default: explain's client
+    speaks TLS too."""
+    server = await start_epp(config_text=LOAD_PROFILE, secure_serving=True)
     server.datastore.objectives = {"batch": -1}
     server.addr = f"127.0.0.1:{server.opts.grpc_port}"  # type: ignore[attr-defined]
     return server
@@ -104,6 +107,9 @@ async def test_cli_prints_the_table(epp: EppServer, capsys: pytest.CaptureFixtur
 def test_cli_reports_an_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
     port = free_ports(1)[0]
     rc = cli.main(["explain", "--server", f"127.0.0.1:{port}", "--timeout", "1s", "{}"])
+    assert rc == 1
+    assert "Connection refused" in capsys.readouterr().err
+    rc = cli.main(["explain", "--plaintext", "--server", f"127.0.0.1:{port}", "--timeout", "1s", "{}"])
     assert rc == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
 

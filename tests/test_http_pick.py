@@ -72,7 +72,9 @@ async def test_a_request_without_body_is_routed_unread(epp: EppServer) -> None:
     assert r.headers["x-gateway-destination-endpoint"] in epp.opts.endpoints
 
 
-async def test_health_is_ok_only_once_the_pool_is_known(epp: EppServer, start_epp: StartEpp) -> None:
+async def test_health_is_ok_only_once_the_pool_is_known(epp: EppServer, start_epp: StartEpp, cluster) -> None:
     assert (await epp.http.get("/healthz")).status_code == 200
-    blind = await start_epp(endpoints=0, http_pick=True)  # no pool given: never synced
+    # An InferencePool the API server does not have: never synced.
+    blind = await start_epp(endpoints=0, http_pick=True, pool_name="absent", pool_namespace="prod",
+                            kubeconfig=cluster.kubeconfig)
     assert (await blind.http.get("/healthz")).status_code == 503

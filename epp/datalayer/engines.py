@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 ENGINE_LABEL = "inference.networking.k8s.io/engine-type"
 
@@ -90,11 +91,13 @@ def with_overrides(
     lora_info: str | None = None,
 ) -> EngineMapping:
     """Apply GIE's --total-queued-requests-metric style flags."""
-    changes = {}
+    changes: dict[str, Any] = {}
     for key, value in (
         ("queue", queue), ("running", running), ("kv_usage", kv_usage),
         ("lora_info", lora_info),
     ):
         if value:
             changes[key] = _specs(value)
+        elif value == "" and key == "lora_info":
+            changes[key] = ()  # as the Go EPP: an empty LoRA metric name turns LoRA scraping off
     return replace(base, **changes).with_names() if changes else base

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +70,9 @@ def extract(text: str, mapping: EngineMapping, now: float) -> tuple[EndpointMetr
     values = {}
     for key in ("queue", "running", "kv_usage"):
         v = _first(samples, getattr(mapping, key))
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            # NaN, +-Inf or negative: this scrape tells nothing; the last good one ages into unknown.
+            raise MetricsParseError(f"{getattr(mapping, key)[0].name} is {v}")
         if v is None:
             missing.append(getattr(mapping, key)[0].name)
         values[key] = v
@@ -238,6 +242,9 @@ class MetricsScraper:
             error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         except MetricsParseError as e:
             error = str(e)
+        except Exception as e:  # whatever a server sends, the scrape loop lives on
+            log.debug("scrape of %s failed", url, exc_info=True)
+            error = f"cannot read metrics: {type(e).__name__}: {e}"
         else:
             ep.metrics = metrics
             ep.scrape_error = f"missing metrics: {', '.join(missing)}" if missing else None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TypeAlias
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -35,7 +36,7 @@ from epp.requests import InferenceRequest, new_request, parse_body
 MODE_BUFFERED = pm.ProcessingMode.BUFFERED
 MODE_FULL_DUPLEX = pm.ProcessingMode.FULL_DUPLEX_STREAMED
 
-Answer = bytes | pb.ProcessingResponse
+Answer: TypeAlias = bytes | pb.ProcessingResponse
 
 
 class Phase(enum.Enum):

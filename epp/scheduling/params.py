@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 from epp.errors import ConfigError
@@ -48,7 +49,7 @@ class Params:
             raise self._fail(key, f"must be a non-empty string, got {value!r}")
         return value
 
-    def optional_int(self, key: str) -> int | None:
+    def optional_int(self, key: builtins.str) -> builtins.int | None:
         if key not in self._params:
             return None
         return self.int(key, 0)

@@ -128,3 +128,42 @@ async def test_oversized_and_unreachable_metrics_are_errors_not_crashes(monkeypa
     finally:
         scraper.stop()
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("value", ["NaN", "+Inf", "-Inf", "-3"])
+def test_a_non_finite_or_negative_gauge_is_an_error_not_an_idle_server(value: str) -> None:
+    text = (f'vllm:num_requests_waiting{{model_name="m"}} {value}\n'
+            "vllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.1\n")
+    with pytest.raises(MetricsParseError, match="vllm:num_requests_waiting is"):
+        extract(text, ENGINES["vllm"], now=1.0)
+
+
+async def test_garbage_from_a_server_never_ends_its_scrape_loop() -> None:
+    """A NaN queue used to raise out of the scrape task: the pod stayed unknown until epp restarted."""
+    from aiohttp import web
+
+    body = {"text": "vllm:num_requests_waiting NaN\nvllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.1\n"}
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=body["text"])
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_ports(1)[0]
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    ds = Datastore(staleness=2.0)
+    scraper = MetricsScraper(ds, lambda ep: ENGINES["vllm"], interval=0.02, timeout=0.5)
+    try:
+        scraper.start()
+        ds.set_endpoints(static_endpoints([f"127.0.0.1:{port}"]))
+        (ep,) = ds.all_endpoints()
+        await until(lambda: ep.scrape_error is not None, 10, "the NaN scrape to be refused")
+        assert "is nan" in ep.scrape_error
+        assert ep.metrics is None
+        body["text"] = "vllm:num_requests_waiting 4\nvllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.1\n"
+        await until(lambda: ep.metrics is not None and ep.metrics.waiting == 4, 10, "the next good scrape")
+    finally:
+        scraper.stop()
+        await runner.cleanup()

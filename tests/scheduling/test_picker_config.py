@@ -85,7 +85,7 @@ def test_default_profile_keeps_a_busy_prefix_holder_when_the_cost_is_the_same() 
 
 def test_the_previous_default_with_gie_weights_still_loads() -> None:
     """bench/configs keeps the profile with GIE's default weights, for A/B runs against the default."""
-    path = Path(__file__).parents[2] / "bench" / "configs" / "default-until-2026-11-23.yaml"
+    path = Path(__file__).parents[2] / "bench" / "configs" / "gie-weights.yaml"
     profile = load_text(path.read_text(), str(path)).scheduler.profiles[0]
     weights = {ws.scorer.type_name: ws.weight for ws in profile.scorers}
     assert weights["queue-scorer"] == weights["kv-cache-utilization-scorer"] == 2
