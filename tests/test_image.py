@@ -218,8 +218,9 @@ def test_serves_a_static_pool_over_tls_read_only_and_non_root(run_epp, pool) -> 
     # the shipped Envoy bootstrap speaks TLS (ALPN h2) to it without verifying it.
     c = run_epp(["--endpoints", ",".join(pool.endpoints), "--explain-headers"])
     c.wait_serving()
-    assert health(c.ports.health, SERVICE) == "SERVING"
-    assert health(c.ports.health, "liveness") == "SERVING"
+    # What the upstream chart's readiness and liveness probes (and Envoy's health check) ask for.
+    for service in ("inference-extension", SERVICE, "liveness"):
+        assert health(c.ports.health, service) == "SERVING", service
     assert handshake(c.ports.grpc)[1] == "h2"
     lp, admin = free_ports(2)
     with EnvoyProcess(EnvoyOptions(lp, c.ports.grpc, admin)) as envoy:
