@@ -1,7 +1,7 @@
 # epp's image. Build it with deploy/image/build, which makes the wheels installed here (the build
 # needs no network) and, where no registry is reachable, the Debian base image:
 #
-#   deploy/image/build --tag epp:dev [--base python:3.11-slim]
+#   deploy/image/build [--tag epp:0.1.0] [--base python:3.11-slim]
 #
 # It runs as upstream's EPP container does: the Pod gives flags only (`epp --pool-name ...` is
 # `epp serve ...`), as uid 65532, with a read-only root filesystem (epp writes nothing; a tmpfs /tmp
