@@ -99,6 +99,9 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
                    help="use a rotated pair in --cert-path for new connections, without dropping streams")
     g.add_argument("--tls-min-version", type=_text, default=None,
                    help="VersionTLS12 (what gRPC serves: TLS 1.2 and 1.3); other values are refused")
+    g.add_argument("--tls-cipher-suites", type=_text, default=None,
+                   help="refused: gRPC's TLS takes its cipher list only from the GRPC_SSL_CIPHER_SUITES "
+                        "environment variable (OpenSSL names), set in the container's env")
     g.add_argument("--metrics-endpoint-auth", nargs="?", const=True, type=_bool, default=None, metavar="BOOL",
                    help="/metrics only for callers whose bearer token may get /metrics (TokenReview and "
                         "SubjectAccessReview; default true where epp has a Kubernetes API)")
@@ -291,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     for flag in no_effect_flags(args):
         log.warning("flag %s is accepted for Go EPP compatibility and has no effect in epp", flag)
+    if getattr(args, "tls_cipher_suites", None):
+        print("epp: --tls-cipher-suites cannot be honoured: gRPC's TLS reads its cipher list only from the "
+              "GRPC_SSL_CIPHER_SUITES environment variable (OpenSSL names, e.g. ECDHE-RSA-AES128-GCM-SHA256); "
+              "set that in the container's env instead", file=sys.stderr)
+        return 1
+    if not args.secure_serving and (args.cert_path or args.enable_cert_reload):
+        log.warning("--cert-path and --enable-cert-reload have no effect with --secure-serving=false")
     try:
         opts = _options(args)
         import uvloop

@@ -64,11 +64,20 @@ class Director:
         datastore.subscribe(self.scheduler.endpoints_changed)
 
     def candidates(self, subset: Sequence[str] | None) -> list[Endpoint]:
+        """Ready endpoints (within the proxy's subset hint), those with fresh metrics only if any have them.
+
+        A pod whose metrics are unknown or stale (killed, restarting, its /metrics failing) is not
+        trusted to be idle: it gets no picks while a pod epp can see exists. If none can be seen
+        (at start, or every scrape failing), all ready endpoints remain candidates.
+        """
         ready = self.datastore.ready_endpoints()
-        if subset is None:
-            return list(ready)
-        allowed = set(subset)
-        return [ep for ep in ready if ep.hostport in allowed]
+        if subset is not None:
+            allowed = set(subset)
+            ready = tuple(ep for ep in ready if ep.hostport in allowed)
+        ds = self.datastore
+        now, staleness = ds.now(), ds.staleness
+        fresh = [ep for ep in ready if ep.fresh_metrics(now, staleness) is not None]
+        return fresh or list(ready)
 
     def plan(self, request: InferenceRequest, subset: Sequence[str] | None = None, *, score_shed: bool = True) -> Plan:
         """Candidates, rewrite and priority, admission, scheduling: every step, no side effect.

@@ -162,3 +162,17 @@ def test_rewrite_happens_before_scoring_so_lora_affinity_sees_the_target() -> No
         d.finish(r, decision)
         assert orjson.loads(r.forwarded_body())["model"] == r.target_model
     assert picked == {"food-review-v1": {1}, "food-review-v2": {2}}
+
+
+def test_a_pod_epp_cannot_see_gets_no_picks_while_one_it_can_see_exists() -> None:
+    """Unknown (never scraped, or its last scrape refused) or stale metrics are not trusted to be idle."""
+    seen, unknown, stale = endpoint(1), endpoint(2, waiting=None), endpoint(3, age=10.0)
+    d = director(seen, unknown, stale)
+    assert d.candidates(None) == [seen]
+    for i in range(20):
+        assert d.decide(req(prompt=f"prompt {i} " * 40)).endpoint is seen
+    # When epp can see none of them (at start, or every scrape failing), every ready pod stays a candidate.
+    blind = director(endpoint(2, waiting=None), endpoint(3, age=10.0))
+    assert len(blind.candidates(None)) == 2
+    # The proxy's subset hint narrows first: a hint naming only unseen pods still routes.
+    assert d.candidates([unknown.hostport]) == [unknown]

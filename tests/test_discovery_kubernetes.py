@@ -141,7 +141,7 @@ async def test_pods_scaling_up_and_down(api: KubeApi, client: AsyncClient) -> No
     async with Discovery(client) as d:
         await d.synced()
         assert d.endpoints() == [("a", "10.0.0.1:8000", True), ("b", "10.0.0.2:8000", True)]
-        assert api.watch_selectors("pods") == ["app=vllm"]  # the API server filters, not epp
+        await d.until(lambda: api.watch_selectors("pods") == ["app=vllm"])  # the API server filters, not epp
         api.apply(pod("c", "10.0.0.3"))
         await d.until(lambda: len(d.endpoints()) == 3)
         api.delete("v1", "Pod", NS, "a")
@@ -465,7 +465,7 @@ async def test_pool_less_mode_watches_pods_by_selector_only(api: KubeApi, client
     async with Discovery(client, pool_name="epp", endpoint_selector=selector, target_ports=[8000, 8002]) as d:
         await d.synced()
         assert [n for n, _, _ in d.endpoints()] == ["a-rank-0", "a-rank-1", "b-rank-0", "b-rank-1"]
-        assert api.watch_selectors("pods") == ["app in (sglang,vllm),!canary"]
+        await d.until(lambda: api.watch_selectors("pods") == ["app in (sglang,vllm),!canary"])
         api.modify("v1", "Pod", NS, "a", lambda o: o["metadata"]["labels"].update(canary="yes"))
         await d.until(lambda: [n for n, _, _ in d.endpoints()] == ["b-rank-0", "b-rank-1"])
     assert api.calls_to("inferencepools") == api.calls_to("inferenceobjectives") == 0

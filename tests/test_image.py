@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from epp.envoy import EnvoyOptions, EnvoyProcess
 from epp.extproc.processor import SERVICE
 from epp.stack import Stack, StackOptions, free_ports, wait_until
-from tests.test_tls import Issuer, SecretVolume, VerifyingEnvoy, handshake
+from tests.tls_helpers import Issuer, SecretVolume, VerifyingEnvoy, handshake
 
 pytestmark = pytest.mark.integration
 

@@ -238,6 +238,11 @@ class MetricsScraper:
             metrics, missing = extract(body.decode("utf-8", "replace"), self.mapping_for(ep), time.monotonic())
         except TimeoutError:
             error = f"timed out after {self.timeout:g}s"
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
+            # Refused or cut: the server is down (killed, restarting), not slow. Forget its last
+            # snapshot now, so it counts as unknown at once rather than after the staleness threshold.
+            ep.metrics = None
+            error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         except aiohttp.ClientError as e:
             error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         except MetricsParseError as e:

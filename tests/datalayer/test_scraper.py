@@ -167,3 +167,21 @@ async def test_garbage_from_a_server_never_ends_its_scrape_loop() -> None:
     finally:
         scraper.stop()
         await runner.cleanup()
+
+
+async def test_a_server_that_goes_down_is_unknown_at_once_not_after_the_staleness_threshold() -> None:
+    port = free_ports(1)[0]
+    server = SimulatedServer("s0", port, EngineConfig())
+    await server.start()
+    ds = Datastore(staleness=60.0)  # staleness alone would trust the last scrape for a minute
+    scraper = MetricsScraper(ds, lambda ep: ENGINES["vllm"], interval=0.02, timeout=0.5)
+    try:
+        scraper.start()
+        ds.set_endpoints(static_endpoints([f"127.0.0.1:{port}"]))
+        (ep,) = ds.all_endpoints()
+        await until(lambda: ep.metrics is not None, 10, "a first scrape")
+        await server.stop()  # killed: its port now refuses connections
+        await until(lambda: ep.metrics is None, 2, "the refused scrape to forget the last snapshot")
+        assert "Connect" in (ep.scrape_error or "")
+    finally:
+        scraper.stop()
