@@ -31,9 +31,9 @@ import yaml
 
 from epp.cli import build_parser
 from epp.scheduling import picker_config
+from tests.chart_helpers import CHART, args, epp_container, kinds, one, render, render_error
 
 ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "deploy" / "charts" / "inferencepool"
 EXAMPLES = ROOT / "deploy" / "examples"
 GUIDE = ROOT / "docs" / "kubernetes.md"
 RELEASE = "vllm-llama3-8b-instruct"
@@ -41,9 +41,6 @@ NAMESPACE = "default"
 EPP = f"{RELEASE}-epp"
 KUBE_VERSIONS = ("1.32.0", kubernetes_validate.latest_version())  # GKE Inference Gateway's minimum, latest
 POOL = {"inferencePool": {"modelServers": {"matchLabels": {"app": RELEASE}}}}
-
-helm.disable_logging()
-
 
 # ---- rendering -------------------------------------------------------------------------------
 
@@ -67,44 +64,6 @@ def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
 def sets(*exprs: str) -> dict[str, Any]:
     """`--set a=b --set c=d` as Helm parses them."""
     return merged(*(helm.parse_set_string(e) for e in exprs))
-
-
-def render(values: dict[str, Any] | None = None, *, name: str = RELEASE,
-           namespace: str = NAMESPACE) -> list[dict[str, Any]]:
-    with helm.Chart.load(CHART) as chart:
-        out = chart.render(values or {}, name=name, namespace=namespace, is_install=True)
-    docs = []
-    for path, text in sorted(out.items()):
-        if path.endswith("NOTES.txt"):
-            continue
-        docs.extend(d for d in yaml.safe_load_all(text) if d)
-    return docs
-
-
-def render_error(values: dict[str, Any]) -> str:
-    with pytest.raises(helm.HelmRenderError) as e:
-        render(values)
-    return str(e.value)
-
-
-def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, got {[d['metadata']['name'] for d in found]}"
-    return found[0]
-
-
-def kinds(docs: list[dict[str, Any]]) -> list[str]:
-    return sorted(d["kind"] for d in docs)
-
-
-def epp_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
-    (container,) = [c for c in pod["containers"] if c["name"] == "epp"]
-    return container
-
-
-def args(docs: list[dict[str, Any]]) -> list[str]:
-    return epp_container(docs)["args"]
 
 
 def arg_value(argv: list[str], flag: str) -> str:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -254,3 +255,119 @@ def test_serves_plaintext_when_asked(run_epp, pool) -> None:
         envoy.wait_ready(30)
         pick_through_envoy(envoy, pool)
     assert c.running(), c.logs()
+
+
+# --- in a cluster: the upstream chart's args and probes, and our chart's, against the stand-in API ---
+
+# What GIE v1.5's inferencepool chart renders for its EPP container (release `llama` in `prod`, the
+# defaults): flags only, the container's image provides the binary. Ports are left at their defaults
+# by upstream's chart; here the test's free ports come first (`run_epp`).
+UPSTREAM_CHART_ARGS = ["--pool-name", "llama", "--pool-namespace", "prod", "--pool-group",
+                       "inference.networking.k8s.io", "--zap-encoder", "json",
+                       "--config-file", "/config/default-plugins.yaml", "--tracing=false"]
+UPSTREAM_PROBE_SERVICE = "inference-extension"  # the chart's liveness and readiness probes, on 9003
+
+
+def _readable(path: Path) -> Path:
+    """World-readable, as a kubelet's projected volumes are for a non-root container."""
+    for p in [path, *path.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return path
+
+
+@pytest.fixture
+def in_cluster(tmp_path):
+    """The stand-in API server (tests/kubeapi.py) with epp's RBAC, two model-server pods on the host's
+    loopback (127.0.10.1 and .2, one port), and what a pod gets from the kubelet: a service-account
+    directory and the KUBERNETES_SERVICE_* env."""
+    from tests.kube_cluster import NS, Cluster
+    from tests.kubeapi import KubeApi
+
+    port = free_ports(1)[0]
+    sims = [subprocess.Popen([sys.executable, "-m", "epp.simulator", "--host", f"127.0.10.{i}", "--port", str(port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in (1, 2)]
+    try:
+        for i in (1, 2):
+            wait_until(lambda i=i: _http_ok(f"http://127.0.10.{i}:{port}/health"), 30, f"simulator {i}")
+        with KubeApi() as api:
+            cluster = Cluster(api, tmp_path)
+            sa = tmp_path / "serviceaccount"
+            env = api.service_account_dir(sa, cluster.epp_token, NS)
+            cluster.pod("vllm-a", "127.0.10.1")
+            cluster.pod("vllm-b", "127.0.10.2")
+            cluster.objective("batch", -1)
+            yield cluster, port, env, _readable(sa)
+    finally:
+        for p in sims:
+            p.terminate()
+            p.wait(10)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=0.5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _route_and_scrape(c: Container, cluster, model_port: int, probe_port: int, probe_service: str) -> None:
+    wait_until(lambda: not c.running() or health(probe_port, probe_service) == "SERVING", 60,
+               f"the readiness probe ({probe_service} on {probe_port})")
+    assert c.running(), c.logs()
+    assert health(probe_port, "liveness") == "SERVING"
+    # Envoy with the shipped bootstrap: TLS to epp, ALPN h2, the pick from the API's pods.
+    lp, admin = free_ports(2)
+    with EnvoyProcess(EnvoyOptions(lp, c.ports.grpc, admin)) as envoy:
+        envoy.wait_ready(30)
+        served = set()
+        for i in range(4):
+            r = httpx.post(f"{envoy.url}/v1/completions", timeout=15,
+                           json={"model": MODEL, "prompt": f"request {i} " * 30, "max_tokens": 2})
+            assert r.status_code == 200, (r.status_code, r.text, c.logs())
+            served.add(r.headers["x-epp-endpoint"])
+        assert served <= {f"127.0.10.1:{model_port}", f"127.0.10.2:{model_port}"}
+    # /metrics is behind TokenReview + SubjectAccessReview, as upstream's default: the GKE guide's reader.
+    url = f"http://127.0.0.1:{c.ports.metrics}/metrics"
+    assert httpx.get(url, timeout=5).status_code == 401
+    reader = cluster.metrics_reader()
+    ok = httpx.get(url, headers={"authorization": f"Bearer {reader}"}, timeout=5)
+    assert ok.status_code == 200
+    assert "inference_objective_request_total" in ok.text
+
+
+def test_the_upstream_charts_args_and_probes_give_a_ready_pod_that_routes_over_tls(run_epp, in_cluster,
+                                                                                  tmp_path) -> None:
+    from epp.scheduling.picker_config import DEFAULT_CONFIG
+
+    cluster, model_port, env, sa = in_cluster
+    cluster.pool("llama", port=model_port)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "default-plugins.yaml").write_text(DEFAULT_CONFIG)
+    c = run_epp([*UPSTREAM_CHART_ARGS, "--explain-headers"], env=env,
+                volumes={str(sa): "/var/run/secrets/kubernetes.io/serviceaccount", str(_readable(config)): "/config"})
+    _route_and_scrape(c, cluster, model_port, c.ports.health, UPSTREAM_PROBE_SERVICE)
+
+
+def test_our_charts_deployment_gives_a_ready_pod_that_routes_over_tls(run_epp, in_cluster, tmp_path) -> None:
+    from tests.chart_helpers import args, epp_container, one, render
+
+    cluster, model_port, env, sa = in_cluster
+    ports = EppPorts.free()
+    docs = render({
+        "inferencePool": {"modelServers": {"matchLabels": {"app": "vllm"}}, "targetPorts": [{"number": model_port}]},
+        "inferenceExtension": {"extProcPort": ports.grpc, "grpcHealthPort": ports.health,
+                               "metricsPort": ports.metrics},
+    }, name="llama", namespace="prod")
+    cluster.api.apply(one(docs, "InferencePool"))  # the chart's own InferencePool, into the API
+    container = epp_container(docs)
+    config = tmp_path / "config"
+    config.mkdir()
+    for key, text in one(docs, "ConfigMap")["data"].items():
+        (config / key).write_text(text)
+    mount = next(m["mountPath"] for m in container["volumeMounts"] if m["mountPath"] != "/tmp")
+    probe = container["readinessProbe"]["grpc"]
+    assert container["livenessProbe"]["grpc"] == probe
+    c = run_epp([*args(docs), "--explain-headers"], env=env, ports=ports,
+                volumes={str(sa): "/var/run/secrets/kubernetes.io/serviceaccount", str(_readable(config)): mount})
+    _route_and_scrape(c, cluster, model_port, probe["port"], probe["service"])
