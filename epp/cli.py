@@ -23,7 +23,8 @@ _ACCEPTED_GO_FLAGS_WITH_VALUE = (
     "--cache-info-metric",
 )
 _ACCEPTED_GO_BOOL_FLAGS = (
-    "--tracing", "--health-checking", "--enable-pprof", "--disable-endpoint-subset-filter", "--zap-devel",
+    "--tracing", "--health-checking", "--enable-pprof", "--zap-devel", "--enable-grpc-stream-metrics",
+    "--allow-experimental-plugins",
 )
 
 
@@ -48,6 +49,21 @@ def _ports(text: str) -> list[int]:
         return [int(p) for p in _text(text).split(",") if p.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected port numbers separated by commas, got {text!r}") from None
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+               "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3}
+
+
+def _size(text: str) -> int:
+    """A byte size as upstream's --grpc-max-*-msg-size takes it: 4194304, 10MiB, 25MB, 512Ki."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", _text(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _SIZE_UNITS or int(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4194304, 10MiB or 25MB, got {text!r}")
+    return int(m.group(1)) * _SIZE_UNITS[unit]
 
 
 def _bool(text: str) -> bool:
@@ -102,6 +118,10 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cipher-suites", type=_text, default=None,
                    help="refused: gRPC's TLS takes its cipher list only from the GRPC_SSL_CIPHER_SUITES "
                         "environment variable (OpenSSL names), set in the container's env")
+    g.add_argument("--metrics-cert-dir", type=_text, default=None,
+                   help="serve /metrics over TLS with tls.crt and tls.key from this directory")
+    g.add_argument("--metrics-client-ca-file", type=_text, default=None,
+                   help="with --metrics-cert-dir: require client certificates signed by this CA (mTLS)")
     g.add_argument("--metrics-endpoint-auth", nargs="?", const=True, type=_bool, default=None, metavar="BOOL",
                    help="/metrics only for callers whose bearer token may get /metrics (TokenReview and "
                         "SubjectAccessReview; default true where epp has a Kubernetes API)")
@@ -139,7 +159,19 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
                    help="a pick whose response no observer stream watches is released this long after "
                         "its ext_proc stream closes (2s)")
     g.add_argument("--grace-period", type=_duration, default=30.0,
-                   help="on SIGTERM, how long streams in flight may take to finish (30s)")
+                   help="on SIGTERM, after the drain window, how long streams in flight may take to finish (30s)")
+    g.add_argument("--drain-timeout", type=_duration, default=30.0,
+                   help="on SIGTERM: not ready and the Lease released at once, ext_proc still served this long, "
+                        "for proxies that have not seen the change yet (30s, as llm-d-router)")
+    g.add_argument("--grpc-max-recv-msg-size", type=_size, default=None, metavar="SIZE",
+                   help="largest gRPC message epp accepts, e.g. 10MiB (default gRPC's 4MiB)")
+    g.add_argument("--grpc-max-send-msg-size", type=_size, default=None, metavar="SIZE",
+                   help="largest gRPC message epp sends, e.g. 10MiB")
+    g.add_argument("--disable-endpoint-subset-filter", nargs="?", const=True, type=_bool, default=False,
+                   metavar="BOOL", help="ignore the proxy's subset hint (envoy.lb.subset_hint) (default false)")
+    g.add_argument("--emit-endpoint-scores", nargs="?", const=True, type=_bool, default=False, metavar="BOOL",
+                   help="add each target's score to the pick's envoy.lb metadata, as "
+                        "x-gateway-destination-endpoint-scores (default false)")
     g.add_argument("--v", "-v", type=int, default=0, dest="verbosity",
                    help="log verbosity as the Go EPP: 0 info, 1-3 more, 4+ debug")
     g = p.add_argument_group("accepted for Go EPP compatibility (no effect)")
@@ -222,6 +254,13 @@ def _options(args: argparse.Namespace):
         explain_headers=args.explain_headers,
         observer_grace=args.response_observer_grace,
         grace_period=args.grace_period,
+        drain_timeout=args.drain_timeout,
+        grpc_max_recv_msg_size=args.grpc_max_recv_msg_size,
+        grpc_max_send_msg_size=args.grpc_max_send_msg_size,
+        disable_endpoint_subset_filter=args.disable_endpoint_subset_filter,
+        emit_endpoint_scores=args.emit_endpoint_scores,
+        metrics_cert_dir=args.metrics_cert_dir,
+        metrics_client_ca_file=args.metrics_client_ca_file,
         seed=args.seed,
     )
 
@@ -232,8 +271,9 @@ async def _serve(opts) -> None:
     server = EppServer(opts)
     await server.start()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    # SIGTERM (Kubernetes stopping the pod) drains; Ctrl-C at a terminal stops without the drain window.
+    loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(server.stop()))
+    loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(server.stop(drain=0)))
     await server.wait()
 
 

@@ -44,6 +44,7 @@ class Decision:
     body: bytes  # the body to forward: the client's, or with the target model
     body_changed: bool
     explain: str | None = None  # the why, when explain headers are on
+    scores: dict[str, float] | None = None  # each target's total score, with --emit-endpoint-scores
 
     @property
     def endpoint(self) -> Endpoint:
@@ -53,13 +54,16 @@ class Decision:
 class Director:
     def __init__(
         self, datastore: Datastore, config: PickerConfig, metrics: EppMetrics | None = None, *,
-        explain_headers: bool = False,
+        explain_headers: bool = False, emit_endpoint_scores: bool = False, honor_subset_hint: bool = True,
     ) -> None:
         self.datastore = datastore
         self.config = config
         self.scheduler = config.scheduler
         self.metrics = metrics
         self.explain_headers = explain_headers
+        self.emit_endpoint_scores = emit_endpoint_scores
+        # --disable-endpoint-subset-filter: the proxy's subset hint is not respected.
+        self.honor_subset_hint = honor_subset_hint
         self.admission = Admission(datastore, SaturationDetector(config.saturation))
         datastore.subscribe(self.scheduler.endpoints_changed)
 
@@ -71,7 +75,7 @@ class Director:
         (at start, or every scrape failing), all ready endpoints remain candidates.
         """
         ready = self.datastore.ready_endpoints()
-        if subset is not None:
+        if subset is not None and self.honor_subset_hint:
             allowed = set(subset)
             ready = tuple(ep for ep in ready if ep.hostport in allowed)
         ds = self.datastore
@@ -119,6 +123,9 @@ class Director:
         decision = Decision(result, state, targets, body, body is not request.body)
         if self.explain_headers:
             decision.explain = self.explain(result)
+        if self.emit_endpoint_scores:
+            total = dict(zip(map(id, result.candidates), result.totals, strict=True))
+            decision.scores = {t.hostport: total.get(id(t), 0.0) for t in result.targets}
         m = self.metrics
         if m is not None:
             if plan.rewrite is not None:

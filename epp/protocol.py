@@ -9,6 +9,8 @@ from __future__ import annotations
 # The pick: a request header and dynamic metadata (namespace, key) that the proxy routes on.
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 DESTINATION_NAMESPACE = "envoy.lb"
+# With --emit-endpoint-scores, in the same namespace: each target's score (llm-d-router's key).
+DESTINATION_SCORES_KEY = "x-gateway-destination-endpoint-scores"
 # The endpoint that served the request, as the model-server side reports it on the response.
 DESTINATION_SERVED_HEADER = "x-gateway-destination-endpoint-served"
 # The proxy's restriction of the candidates: filter metadata namespace and key (a list of ip:port).

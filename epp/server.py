@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -103,6 +104,16 @@ class ServeOptions:
     config_file: str | None = None
     config_text: str | None = None
     max_body_bytes: int = 16 << 20
+    grpc_max_recv_msg_size: int | None = None  # bytes; None: gRPC's default (4 MiB)
+    grpc_max_send_msg_size: int | None = None
+    disable_endpoint_subset_filter: bool = False
+    emit_endpoint_scores: bool = False
+    # /metrics over TLS (llm-d-router's --metrics-cert-dir: tls.crt, tls.key), with client certificates
+    # verified against --metrics-client-ca-file when given.
+    metrics_cert_dir: str | None = None
+    metrics_client_ca_file: str | None = None
+    # On SIGTERM: not ready (and the Lease released) at once, ext_proc still served this long.
+    drain_timeout: float = 0.0
     explain_headers: bool = False
     observer_grace: float = 2.0
     grace_period: float = 30.0
@@ -152,6 +163,24 @@ def _check_pool_source(opts: ServeOptions) -> None:
                           "with --endpoint-target-ports, --endpoints IP:PORT,... or --pool-file FILE")
 
 
+def _metrics_ssl(cert_dir: str | None, client_ca: str | None) -> ssl.SSLContext | None:
+    """TLS for /metrics, as llm-d-router's --metrics-cert-dir (and mTLS with --metrics-client-ca-file)."""
+    if client_ca and not cert_dir:
+        raise ConfigError("--metrics-client-ca-file needs --metrics-cert-dir (the metrics server's own certificate)")
+    if not cert_dir:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(os.path.join(cert_dir, tls.CERT_FILE), os.path.join(cert_dir, tls.KEY_FILE))
+        if client_ca:
+            ctx.load_verify_locations(client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"metrics TLS: cannot load {cert_dir} / {client_ca or 'no client CA'}: {e}") from None
+    return ctx
+
+
 class EppServer:
     def __init__(self, opts: ServeOptions) -> None:
         self.opts = opts
@@ -164,7 +193,8 @@ class EppServer:
         self.datastore = Datastore(staleness=opts.metrics_staleness_threshold)
         self.metrics = EppMetrics(opts.pool_name or DEFAULT_POOL_LABEL)
         self.director = Director(self.datastore, self.picker_config, self.metrics,
-                                 explain_headers=opts.explain_headers)
+                                 explain_headers=opts.explain_headers, emit_endpoint_scores=opts.emit_endpoint_scores,
+                                 honor_subset_hint=not opts.disable_endpoint_subset_filter)
         self.exchanges = Exchanges(self.director, self.metrics, observer_grace=opts.observer_grace)
         self.handoffs = Handoffs(grace=opts.observer_grace)
         self.processor = ExternalProcessor(self.exchanges, self.handoffs, max_body_bytes=opts.max_body_bytes)
@@ -182,10 +212,12 @@ class EppServer:
             scheme=opts.model_server_metrics_scheme,
             verify_tls=not opts.model_server_metrics_insecure_skip_verify,
         )
+        self.metrics_ssl = _metrics_ssl(opts.metrics_cert_dir, opts.metrics_client_ca_file)
         self.health = health_aio.HealthServicer()
         self.metrics_endpoint: MetricsEndpoint | None = None
         self.kube_client: AsyncClient | None = None
         self.leader: LeaderElector | None = None
+        self._leader_task: asyncio.Task[None] | None = None
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -267,7 +299,12 @@ class EppServer:
     # --- serving -----------------------------------------------------------------------------
     async def start(self) -> None:
         opts = self.opts
-        main = grpc.aio.server(options=[("grpc.max_concurrent_streams", 100000)])
+        grpc_options: list[tuple[str, int]] = [("grpc.max_concurrent_streams", 100000)]
+        if opts.grpc_max_recv_msg_size:
+            grpc_options.append(("grpc.max_receive_message_length", opts.grpc_max_recv_msg_size))
+        if opts.grpc_max_send_msg_size:
+            grpc_options.append(("grpc.max_send_message_length", opts.grpc_max_send_msg_size))
+        main = grpc.aio.server(options=grpc_options)
         main.add_generic_rpc_handlers((self.processor.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
         explain_pb2_grpc.add_ExplainServicer_to_server(ExplainService(self.director), main)
@@ -299,7 +336,8 @@ class EppServer:
         if self.kubernetes is not None:
             self._tasks.append(asyncio.create_task(self.kubernetes.run()))
         if self.leader is not None:
-            self._tasks.append(asyncio.create_task(self.leader.run()))
+            self._leader_task = asyncio.create_task(self.leader.run())
+            self._tasks.append(self._leader_task)
         log.info(
             "epp serving ext_proc on :%d (%s), HTTP pick on :%s, health on :%d, metrics on :%d%s; pool %s",
             opts.grpc_port, self.tls.describe() if self.tls else "plaintext", opts.http_pick_port or "off",
@@ -331,7 +369,7 @@ class EppServer:
             assert self.kube_client is not None
             authorizer = KubernetesAuthorizer(self.kube_client)
         self.metrics_endpoint = MetricsEndpoint(self.metrics.registry, opts.bind_address, opts.metrics_port,
-                                                authorizer=authorizer)
+                                                authorizer=authorizer, ssl_context=self.metrics_ssl)
         await self.metrics_endpoint.start()
 
     def _bind(self, server: grpc.aio.Server, port: int, credentials: grpc.ServerCredentials | None) -> None:
@@ -369,12 +407,20 @@ class EppServer:
                 self.metrics.prefix_indexer_size.set(sum(p.prefix_index_size() for p in holders))
             await asyncio.sleep(self.opts.refresh_prometheus_metrics_interval)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Refuse new streams, let those in flight finish (up to the grace period), then stop."""
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Not ready at once (a held Lease released, so a standby takes over); keep serving ext_proc for the
+        drain window (a proxy may still send before it sees the change); then refuse new streams and let
+        those in flight finish, up to the grace period."""
         if self._stopping.is_set():
             return
         self._stopping.set()
         await self._update_health()
+        drain = self.opts.drain_timeout if drain is None else drain
+        if self._leader_task is not None:
+            self._leader_task.cancel()  # releases the Lease
+        if drain > 0:
+            log.info("draining: ext_proc served %gs more before it stops", drain)
+            await asyncio.sleep(drain)
         grace = self.opts.grace_period if grace is None else grace
         stops = [s.stop(grace) for s in self._servers]
         if self.http_pick is not None:

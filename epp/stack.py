@@ -117,7 +117,7 @@ class Stack:
             "--endpoints", ",".join(self.endpoints),
             "--grpc-port", str(self.grpc_port), "--grpc-health-port", str(self.health_port),
             "--metrics-port", str(self.metrics_port), "--http-pick-port", str(self.http_pick_port),
-            "--bind-address", "127.0.0.1", *([] if self.opts.tls else ["--secure-serving=false"]),
+            "--bind-address", "127.0.0.1", "--drain-timeout=0s", *([] if self.opts.tls else ["--secure-serving=false"]),
             *self.opts.epp_args, *(extra or []),
         ])
         self.epp_proc = proc

@@ -27,7 +27,8 @@ def test_go_style_command_line_runs_serve_and_names_the_no_effect_flags() -> Non
     grpc_port, health_port, pool_port = free_ports(3)
     argv = [sys.executable, "-m", "epp", "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
             "--metrics-port", "0", "--http-pick-port", "0", "--bind-address", "127.0.0.1",
-            "--endpoints", f"127.0.0.1:{pool_port}", "--tracing=false", "--zap-encoder", "json", "--enable-pprof"]
+            "--endpoints", f"127.0.0.1:{pool_port}", "--tracing=false", "--zap-encoder", "json", "--enable-pprof",
+            "--drain-timeout", "0s"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: proc.poll() is not None or grpc_serving(health_port), 30, "epp to serve health")
@@ -100,3 +101,42 @@ def test_no_arguments_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "serve" in out
     assert "demo" in out
+
+
+@pytest.mark.parametrize(("text", "size"), [("4194304", 4194304), ("10MiB", 10 << 20), ("25MB", 25_000_000),
+                                            ("512Ki", 512 << 10), ('"8MiB"', 8 << 20)])
+def test_message_sizes_take_upstreams_quantities(text: str, size: int) -> None:
+    opts = cli._options(serve_args("--endpoints", "127.0.0.1:9", "--grpc-max-recv-msg-size", text,
+                                   "--grpc-max-send-msg-size", text))
+    assert opts.grpc_max_recv_msg_size == opts.grpc_max_send_msg_size == size
+
+
+def test_a_bad_message_size_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        serve_args("--grpc-max-recv-msg-size", "ten megs")
+    assert e.value.code == 2
+    assert "10MiB" in capsys.readouterr().err
+
+
+def test_llm_d_router_flags_reach_the_options() -> None:
+    opts = cli._options(serve_args(
+        "--endpoints", "127.0.0.1:9", "--drain-timeout", "5s", "--emit-endpoint-scores",
+        "--disable-endpoint-subset-filter=true", "--metrics-cert-dir", "/certs", "--metrics-client-ca-file", "/ca"))
+    assert (opts.drain_timeout, opts.emit_endpoint_scores, opts.disable_endpoint_subset_filter) == (5.0, True, True)
+    assert (opts.metrics_cert_dir, opts.metrics_client_ca_file) == ("/certs", "/ca")
+    assert cli._options(serve_args("--endpoints", "127.0.0.1:9")).drain_timeout == 30.0  # llm-d-router's default
+
+
+def test_quoted_values_as_the_upstream_chart_renders_them() -> None:
+    opts = cli._options(serve_args("--endpoints", "127.0.0.1:9",
+                                   '--total-queued-requests-metric="sglang:num_queue_reqs"',
+                                   '--model-server-metrics-path="/prometheus/metrics"'))
+    assert opts.total_queued_requests_metric == "sglang:num_queue_reqs"
+    assert opts.model_server_metrics_path == "/prometheus/metrics"
+    server = EppServer(opts)
+    assert server.engines["vllm"].queue[0].name == "sglang:num_queue_reqs"
+
+
+def test_tls_cipher_suites_are_refused_with_the_way_to_set_them(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--endpoints", "127.0.0.1:9", "--tls-cipher-suites", "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"]) == 1
+    assert "GRPC_SSL_CIPHER_SUITES" in capsys.readouterr().err

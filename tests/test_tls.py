@@ -306,8 +306,8 @@ def simulators():
 
 def epp_serve(*flags: str, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "epp", "serve", *flags], stdout=out, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        return subprocess.Popen([sys.executable, "-m", "epp", "serve", "--drain-timeout=0s", *flags], stdout=out,
+                                stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
 @pytest.mark.integration

@@ -40,7 +40,8 @@ class Issuer:
         )
         self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def leaf(self, *, valid_days: float = 1) -> tls.KeyPair:
+    def leaf(self, *, valid_days: float = 1, client: bool = False) -> tls.KeyPair:
+        """A serving pair (or, with `client`, a client certificate for mTLS)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         cert = (
@@ -52,7 +53,8 @@ class Issuer:
             .add_extension(x509.SubjectAlternativeName([
                 x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                 critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client
+                                                  else ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(self.key, hashes.SHA256())
         )
         return tls.KeyPair(

@@ -12,7 +12,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
 from epp.errors import EppError
-from epp.protocol import DESTINATION_HEADER, DESTINATION_NAMESPACE
+from epp.protocol import DESTINATION_HEADER, DESTINATION_NAMESPACE, DESTINATION_SCORES_KEY
 
 BODY_CHUNK_LIMIT = 62000  # Envoy's per-message body limit for streamed mutations, with room to spare
 
@@ -32,9 +32,15 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-def destination_metadata(targets: str) -> struct_pb2.Struct:
+def destination_metadata(targets: str, scores: dict[str, float] | None = None) -> struct_pb2.Struct:
+    """`envoy.lb`: the pick and its fallbacks, and with --emit-endpoint-scores each one's score."""
     md = struct_pb2.Struct()
-    md.fields[DESTINATION_NAMESPACE].struct_value.fields[DESTINATION_HEADER].string_value = targets
+    ns = md.fields[DESTINATION_NAMESPACE].struct_value
+    ns.fields[DESTINATION_HEADER].string_value = targets
+    if scores:
+        fields = ns.fields[DESTINATION_SCORES_KEY].struct_value.fields
+        for hostport, score in scores.items():
+            fields[hostport].number_value = score
     return md
 
 
@@ -50,7 +56,8 @@ def routing_mutation(
 
 
 def route_on_headers(primary: str, targets: str, content_length: int | None,
-                     extra: dict[str, str] | None = None) -> pb.ProcessingResponse:
+                     extra: dict[str, str] | None = None, scores: dict[str, float] | None = None,
+                     ) -> pb.ProcessingResponse:
     """The pick, answered on the request-headers phase (requests without a body, and FULL_DUPLEX_STREAMED)."""
     return pb.ProcessingResponse(
         request_headers=pb.HeadersResponse(
@@ -58,12 +65,13 @@ def route_on_headers(primary: str, targets: str, content_length: int | None,
                 header_mutation=routing_mutation(primary, content_length, extra), clear_route_cache=True
             )
         ),
-        dynamic_metadata=destination_metadata(targets),
+        dynamic_metadata=destination_metadata(targets, scores),
     )
 
 
 def route_on_body(primary: str, targets: str, new_body: bytes | None,
-                  extra: dict[str, str] | None = None) -> pb.ProcessingResponse:
+                  extra: dict[str, str] | None = None, scores: dict[str, float] | None = None,
+                  ) -> pb.ProcessingResponse:
     """The pick, answered on the buffered request-body phase; the body is replaced if rewritten."""
     common = pb.CommonResponse(
         header_mutation=routing_mutation(primary, len(new_body) if new_body is not None else None, extra),
@@ -72,7 +80,7 @@ def route_on_body(primary: str, targets: str, new_body: bytes | None,
     if new_body is not None:
         common.body_mutation.body = new_body
     return pb.ProcessingResponse(
-        request_body=pb.BodyResponse(response=common), dynamic_metadata=destination_metadata(targets)
+        request_body=pb.BodyResponse(response=common), dynamic_metadata=destination_metadata(targets, scores)
     )
 
 

@@ -164,16 +164,16 @@ class PickStream:
         self.ex, self.phase = ex, Phase.ROUTED
         d = ex.decision
         return self._pick_answer(d.endpoint.hostport, d.targets, None if headers_only else d.body, d.body_changed,
-                                 ex.pick_headers())
+                                 ex.pick_headers(), d.scores)
 
     def _pick_answer(self, primary: str, targets: str, body: bytes | None, changed: bool,
-                     extra: dict[str, str] | None) -> list[Answer]:
+                     extra: dict[str, str] | None, scores: dict[str, float] | None = None) -> list[Answer]:
         if body is None:  # headers-only request
-            return [R.route_on_headers(primary, targets, None, extra)]
+            return [R.route_on_headers(primary, targets, None, extra, scores)]
         if self.body_mode == MODE_FULL_DUPLEX:
-            return [R.route_on_headers(primary, targets, len(body), extra),
+            return [R.route_on_headers(primary, targets, len(body), extra, scores),
                     *R.streamed_body(body, request=True, end_of_stream=True)]
-        return [R.route_on_body(primary, targets, body if changed else None, extra)]
+        return [R.route_on_body(primary, targets, body if changed else None, extra, scores)]
 
     def _fail(self, e: errors.EppError) -> list[Answer]:
         self.exchanges.failed(self.req, e)
