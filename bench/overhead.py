@@ -122,8 +122,9 @@ async def _sweep(
 
 @contextlib.contextmanager
 def gateways(mode: str) -> Iterator[tuple[Stack, EnvoyProcess, EnvoyProcess, DirectEnvoy]]:
-    """Envoy + epp + one instant server in the shipped layout; beside it, Envoys in GIE's single-filter
-    layout and in the HTTP pick layout (same epp), and one routing directly to that server."""
+    """Envoy + epp + one instant server in the shipped layout (TLS to epp, its default); beside it, Envoys
+    in GIE's single-filter layout and in the HTTP pick layout (same epp), and one routing directly to
+    that server."""
     opts = StackOptions(servers=1, request_body_mode=mode, response_body_mode=mode,
                         sim_args=["--time-scale", "0"], epp_args=["--seed", "1"])
     with Stack(opts) as stack:
@@ -213,12 +214,15 @@ def main() -> None:
         rate_sweep(args)
         return
 
-    with gateways(args.mode) as (stack, inline, http_pick, direct):
+    plain_opts = StackOptions(servers=1, request_body_mode=args.mode, response_body_mode=args.mode, tls=False,
+                              sim_args=["--time-scale", "0"], epp_args=["--seed", "1"])
+    with gateways(args.mode) as (stack, inline, http_pick, direct), Stack(plain_opts) as plain:
         pod = stack.endpoints[0]
         body = request_body(args.prompt_chars)
         fronts = {  # name: (url, headers)
             "Envoy direct": (direct.url, {"x-gateway-destination-endpoint": pod}),
             "Envoy + epp": (stack.url, {}),
+            "Envoy + epp, plaintext": (plain.url, {}),
             "Envoy + epp, inline": (inline.url, {}),
             "Envoy + epp, HTTP pick": (http_pick.url, {}),
         }
@@ -240,7 +244,8 @@ def main() -> None:
     ms = 1000.0
     print(f"mode={args.mode}  requests={args.requests} per gateway, prompt {args.prompt_chars} chars, "
           "one connection each, in turn")
-    print("  Envoy + epp: the shipped layout, an observability-mode filter watches the response")
+    print("  Envoy + epp: the shipped layout (TLS to epp), an observability-mode filter watches the response")
+    print("  Envoy + epp, plaintext: the same with epp --secure-serving=false (its own epp and server)")
     print("  Envoy + epp, inline: GIE's single filter, epp processes the response in --mode")
     print("  Envoy + epp, HTTP pick: deploy/envoy-http-pick.yaml, the pick over ext_authz")
     print(f"{'':30}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
@@ -253,6 +258,10 @@ def main() -> None:
         print(f"{'added: ' + name:30}{(pct(xs, 50) - pct(straight, 50)) * ms:10.3f}"
               f"{(pct(xs, 90) - pct(straight, 90)) * ms:10.3f}{(pct(xs, 99) - pct(straight, 99)) * ms:10.3f}"
               f"{(statistics.mean(xs) - statistics.mean(straight)) * ms:10.3f}")
+    tls, plain_xs = times["Envoy + epp"], times["Envoy + epp, plaintext"]
+    print(f"{'TLS to epp costs':30}{(pct(tls, 50) - pct(plain_xs, 50)) * ms:10.3f}"
+          f"{(pct(tls, 90) - pct(plain_xs, 90)) * ms:10.3f}{(pct(tls, 99) - pct(plain_xs, 99)) * ms:10.3f}"
+          f"{(statistics.mean(tls) - statistics.mean(plain_xs)) * ms:10.3f}")
     print(f"ratio p50 (epp / direct): {pct(times['Envoy + epp'], 50) / pct(straight, 50):.2f}x shipped, "
           f"{pct(times['Envoy + epp, inline'], 50) / pct(straight, 50):.2f}x inline, "
           f"{pct(times['Envoy + epp, HTTP pick'], 50) / pct(straight, 50):.2f}x HTTP pick")
