@@ -49,6 +49,14 @@ def test_sheddable_gets_429_only_when_the_pool_is_saturated(saturated_pool) -> N
         admit(d, req(objective))
 
 
-def test_sheddable_admitted_while_one_endpoint_has_capacity() -> None:
-    d = director(endpoint(1, waiting=50, kv=0.99), endpoint(2, waiting=4, kv=0.79))
+def test_sheddable_admitted_while_the_pools_average_is_under_capacity() -> None:
+    """upstream's roofline: each server's max(queue / 5, KV / 0.8), averaged: (1.2 + 0.4) / 2 < 1."""
+    d = director(endpoint(1, waiting=6, kv=0.1), endpoint(2, waiting=2, kv=0.2))
     admit(d, req("batch"))
+
+
+def test_one_idle_server_does_not_hide_an_overloaded_pool() -> None:
+    """(3.0 + 0) / 2 >= 1: saturated on average, though one server is idle, as upstream counts it."""
+    d = director(endpoint(1, waiting=15), endpoint(2, waiting=0))
+    with pytest.raises(EppError):
+        admit(d, req("batch"))

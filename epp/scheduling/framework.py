@@ -14,7 +14,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from epp.datastore import Endpoint, EndpointMetrics
 from epp.errors import ConfigError
@@ -30,11 +30,14 @@ class CycleState:
     def __init__(self, now: float, staleness: float) -> None:
         self.now = now
         self.staleness = staleness
-        self.data: dict[str, Any] = {}
+        self.data: dict[Any, Any] = {}
 
     def metrics(self, ep: Endpoint) -> EndpointMetrics | None:
         """Fresh metrics, or None when the endpoint's state is unknown (never scraped or stale)."""
         return ep.fresh_metrics(self.now, self.staleness)
+
+
+Lookup = Callable[[str], "Plugin | None"]
 
 
 class Plugin:
@@ -42,19 +45,29 @@ class Plugin:
 
     type_name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()  # older releases' names for the same type
+    # Upstream's factory for this type takes no parameters and ignores any given: a warning, not an error.
+    ignores_parameters: ClassVar[bool] = False
+    # Lower runs first among the request-lifecycle hooks: a producer others read from runs last.
+    hook_order: ClassVar[int] = 0
 
     def __init__(self, name: str = "") -> None:
         self.name = name or self.type_name
 
     @classmethod
-    def from_parameters(cls, name: str, params: dict[str, Any]) -> Plugin:
+    def from_parameters(cls, name: str, params: Params) -> Plugin:
         """Build from the `parameters:` of an EndpointPickerConfig entry."""
-        if params:
-            raise ConfigError(f"plugin type {cls.type_name!r} takes no parameters, got {sorted(params)}")
+        params.done(ignored_upstream=cls.ignores_parameters)
         return cls(name)
 
-    def bind(self, lookup: Callable[[str], Plugin | None]) -> None:
-        """Resolve references to other plugins by name, once all are built (see decision-tree-filter)."""
+    def bind(self, lookup: Lookup) -> None:
+        """Resolve references to other plugins by name, once all are built (see decision-tree-filter).
+
+        `lookup` is a `Binder` when the config loader binds; tests may pass a plain `dict.get`.
+        """
+
+    def describe(self) -> dict[str, Any]:
+        """The effective parameters, defaults filled in (for `epp check-config`)."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -102,11 +115,16 @@ class CountedPicker(Picker, Seeded):
         self.rng.seed(seed)
 
     @classmethod
-    def from_parameters(cls, name: str, params: dict[str, Any]) -> Plugin:
-        p = Params(cls.type_name, params)
-        max_endpoints = p.int("maxNumOfEndpoints", 1, minimum=1)
-        p.done()
+    def from_parameters(cls, name: str, params: Params) -> Plugin:
+        max_endpoints = params.int("maxNumOfEndpoints", 1)
+        if max_endpoints < 1:  # upstream falls back to 1
+            params.warnings.append(f"plugin {cls.type_name!r}: maxNumOfEndpoints {max_endpoints} < 1, using 1")
+            max_endpoints = 1
+        params.done()
         return cls(name, max_endpoints=max_endpoints)
+
+    def describe(self) -> dict[str, Any]:
+        return {"maxNumOfEndpoints": self.max_endpoints}
 
 
 class PreRequest(ABC):
@@ -136,6 +154,18 @@ class ResponseComplete(ABC):
         ...
 
 
+class ResponseHeaders(ABC):
+    """Adds headers to the response sent to the client (session tokens, conformance results).
+
+    Called once per picked request when the model server's response headers arrive; returns
+    (name, value) pairs, or an empty tuple.
+    """
+
+    @abstractmethod
+    def response_headers(self, request: InferenceRequest, endpoint: Endpoint) -> tuple[tuple[str, str], ...]:
+        ...
+
+
 class EndpointsChanged(ABC):
     """Told when endpoints join or leave the pool (to drop what it remembers about them)."""
 
@@ -150,6 +180,76 @@ class PrefixIndexHolder(ABC):
     @abstractmethod
     def prefix_index_size(self) -> int:
         ...
+
+
+P = TypeVar("P", bound=Plugin)
+
+
+class Binder:
+    """What `bind` gets from the config loader: plugins by name, and shared producers.
+
+    A producer (the in-flight load, the prefix index) is found by name, or the one of its type
+    the config defines, or created with its defaults and added to the scheduler, as upstream
+    creates the data producers a consumer needs.
+    """
+
+    def __init__(self, plugins: dict[str, Plugin], adopt: Callable[[Plugin], None]) -> None:
+        self._plugins = plugins
+        self._adopt = adopt
+        self.looked_up: set[str] = set()  # names resolved: those plugins are in use
+
+    def __call__(self, name: str) -> Plugin | None:
+        found = self._plugins.get(name)
+        if found is not None:
+            self.looked_up.add(name)
+        return found
+
+    def find(self, cls: type[P]) -> P | None:
+        """The config's producer of this type, if it has one (none is created)."""
+        same = [p for p in self._plugins.values() if isinstance(p, cls)]
+        if len(same) == 1:
+            self.looked_up.add(same[0].name)
+            return same[0]
+        by_type = self._plugins.get(cls.type_name)
+        if isinstance(by_type, cls):
+            self.looked_up.add(by_type.name)
+            return by_type
+        return None
+
+    def producer(self, cls: type[P], name: str = "", *, param: str = "") -> P:
+        if name:
+            found = self._plugins.get(name)
+            if not isinstance(found, cls):
+                where = f"{param} " if param else ""
+                raise ConfigError(f"{where}{name!r} names no {cls.type_name} plugin")
+            self.looked_up.add(name)
+            return found
+        existing = self.find(cls)
+        if existing is not None:
+            return existing
+        same = [p for p in self._plugins.values() if isinstance(p, cls)]
+        by_type = self._plugins.get(cls.type_name)
+        if same:
+            raise ConfigError(f"several {cls.type_name} plugins are defined: name one with {param or 'a parameter'}")
+        if by_type is not None:
+            raise ConfigError(f"plugin {cls.type_name!r} is not a {cls.type_name}")
+        made = cls(cls.type_name)
+        self._plugins[made.name] = made
+        self._adopt(made)
+        return made
+
+
+def producer(lookup: Lookup, cls: type[P], name: str = "", *, param: str = "") -> P:
+    """The producer a plugin reads from: through the loader's `Binder`, or (a plugin used on its own)
+    the named one, else a private default."""
+    if isinstance(lookup, Binder):
+        return lookup.producer(cls, name, param=param)
+    found = lookup(name or cls.type_name)
+    if isinstance(found, cls):
+        return found
+    if name:
+        raise ConfigError(f"{param + ' ' if param else ''}{name!r} names no {cls.type_name} plugin")
+    return cls(cls.type_name)
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ from epp.scheduling.framework import (
     Plugin,
     PreRequest,
     ResponseComplete,
+    ResponseHeaders,
     ResponseStarted,
     SchedulingResult,
     WeightedScorer,
@@ -67,6 +68,7 @@ class Scheduler:
         self._response_started = [p for p in plugins if isinstance(p, ResponseStarted)]
         self._response_complete = [p for p in plugins if isinstance(p, ResponseComplete)]
         self._endpoints_changed = [p for p in plugins if isinstance(p, EndpointsChanged)]
+        self._response_headers = [p for p in plugins if isinstance(p, ResponseHeaders)]
 
     def schedule(
         self, request: InferenceRequest, candidates: list[Endpoint], now: float, staleness: float
@@ -82,6 +84,15 @@ class Scheduler:
     def response_started(self, request: InferenceRequest, endpoint: Endpoint) -> None:
         for p in self._response_started:
             p.response_started(request, endpoint)
+
+    def response_headers(self, request: InferenceRequest, endpoint: Endpoint) -> tuple[tuple[str, str], ...]:
+        """Headers the plugins add to the response sent to the client (session tokens, ...)."""
+        hooks = self._response_headers
+        if not hooks:
+            return ()
+        if len(hooks) == 1:
+            return hooks[0].response_headers(request, endpoint)
+        return tuple(h for p in hooks for h in p.response_headers(request, endpoint))
 
     def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None:
         for p in self._response_complete:

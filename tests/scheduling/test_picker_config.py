@@ -98,8 +98,8 @@ def test_gie_config_loads_unchanged() -> None:
     assert [(ws.scorer.name, ws.weight) for ws in profile.scorers] == [
         ("queue-scorer", 1.0), ("kv-cache-scorer", 1.0), ("prefix-cache-scorer", 3.0)]
     assert profile.scorers[2].scorer.block_chars == 64
-    assert cfg.saturation.queue_depth_threshold == 8
-    assert cfg.saturation.metrics_staleness_threshold == pytest.approx(0.15)
+    assert cfg.saturation.config.queue_depth_threshold == 8  # type: ignore[attr-defined]
+    assert cfg.saturation.config.metrics_staleness_threshold == pytest.approx(0.15)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

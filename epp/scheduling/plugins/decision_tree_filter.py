@@ -16,6 +16,7 @@ from epp.datastore import Endpoint
 from epp.errors import ConfigError
 from epp.requests import InferenceRequest
 from epp.scheduling.framework import CycleState, Filter, Plugin
+from epp.scheduling.params import Params
 
 _BRANCHES = ("nextOnSuccess", "nextOnFailure", "nextOnSuccessOrFailure")
 
@@ -60,8 +61,9 @@ class DecisionTreeFilter(Filter):
         self.root = _Node(tree)
 
     @classmethod
-    def from_parameters(cls, name: str, params: dict[str, Any]) -> Plugin:
-        return cls(name, tree=params)
+    def from_parameters(cls, name: str, params: Params) -> Plugin:
+        tree = {key: params.raw(key) for key in params.given()}
+        return cls(name, tree=tree)
 
     def bind(self, lookup: Callable[[str], Plugin | None]) -> None:
         def resolve(entry: dict[str, Any]) -> Filter | _Node:

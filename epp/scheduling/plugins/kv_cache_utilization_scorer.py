@@ -13,6 +13,7 @@ from epp.scheduling.framework import CycleState, Scorer
 class KVCacheUtilizationScorer(Scorer):
     type_name = "kv-cache-utilization-scorer"
     aliases = ("kv-cache-scorer",)
+    ignores_parameters = True  # upstream's factory takes none
 
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         out = []

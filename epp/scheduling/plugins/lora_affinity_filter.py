@@ -8,7 +8,6 @@ instead, so an adapter spreads to more servers as its traffic grows.
 from __future__ import annotations
 
 import random
-from typing import Any
 
 from epp.datastore import Endpoint
 from epp.requests import InferenceRequest
@@ -28,10 +27,9 @@ class LoraAffinityFilter(Filter, Seeded):
         self.rng.seed(seed)
 
     @classmethod
-    def from_parameters(cls, name: str, params: dict[str, Any]) -> Plugin:
-        p = Params(cls.type_name, params)
-        threshold = p.float("threshold", 0.999, minimum=0.0, maximum=1.0)
-        p.done()
+    def from_parameters(cls, name: str, params: Params) -> Plugin:
+        threshold = params.float("threshold", 0.999, minimum=0.0, maximum=1.0)
+        params.done()
         return cls(name, threshold=threshold)
 
     def filter(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:

@@ -12,6 +12,7 @@ from epp.scheduling.framework import CycleState, Scorer
 
 class LoraAffinityScorer(Scorer):
     type_name = "lora-affinity-scorer"
+    ignores_parameters = True  # upstream's factory takes none
 
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         model = request.target_model

@@ -7,8 +7,6 @@ Endpoints with unknown metrics do not pass: they are not known to have a short q
 
 from __future__ import annotations
 
-from typing import Any
-
 from epp.datastore import Endpoint
 from epp.requests import InferenceRequest
 from epp.scheduling.framework import CycleState, Filter, Plugin
@@ -23,10 +21,9 @@ class LowQueueFilter(Filter):
         self.threshold = threshold
 
     @classmethod
-    def from_parameters(cls, name: str, params: dict[str, Any]) -> Plugin:
-        p = Params(cls.type_name, params)
-        threshold = p.int("threshold", 128, minimum=0)
-        p.done()
+    def from_parameters(cls, name: str, params: Params) -> Plugin:
+        threshold = params.int("threshold", 128, minimum=0)
+        params.done()
         return cls(name, threshold=threshold)
 
     def filter(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:

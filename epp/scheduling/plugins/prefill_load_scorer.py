@@ -31,7 +31,6 @@ queue length cannot show it, since a request being prefilled is already running.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from epp.datastore import Endpoint
 from epp.errors import ConfigError
@@ -71,13 +70,12 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
         self._known_adapters: dict[str, None] = {}  # names scrapes have shown as adapters, oldest first
 
     @classmethod
-    def from_parameters(cls, name: str, params: dict[str, Any]) -> Plugin:
-        p = Params(cls.type_name, params)
-        prefix = p.str("prefixScorer", "prefix-cache-scorer")
-        scale = p.int("tokenScale", 1024, minimum=1)
-        occupancy = p.int("occupancyTokens", 512, minimum=0)
-        lora_load = p.int("loraLoadTokens", 2048, minimum=0)
-        p.done()
+    def from_parameters(cls, name: str, params: Params) -> Plugin:
+        prefix = params.str("prefixScorer", "prefix-cache-scorer")
+        scale = params.int("tokenScale", 1024, minimum=1)
+        occupancy = params.int("occupancyTokens", 512, minimum=0)
+        lora_load = params.int("loraLoadTokens", 2048, minimum=0)
+        params.done()
         return cls(name, prefix_scorer=prefix, token_scale=scale, occupancy_tokens=occupancy,
                    lora_load_tokens=lora_load)
 

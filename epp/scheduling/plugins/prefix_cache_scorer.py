@@ -1,8 +1,13 @@
 """prefix-cache-scorer: prefer the server that already holds the longest prefix of this prompt.
 
-Score = matched leading blocks / total blocks. The index learns when a pick is sent
-(`pre_request`), so the next request with the same prefix follows it, and forgets
-servers that leave the pool.
+Score = matched leading blocks / total blocks, as upstream; with `matchLengthWeight` w > 0
+(llm-d-router), (1 - w) * that + w * min(1, matched tokens / `matchLengthScaleTokens`)^2, so a
+long absolute match counts beyond its share of a longer prompt.
+
+The match comes from an `approx-prefix-cache-producer` (`prefixMatchInfoProducerName`, or the
+config's one, created with its defaults if the config has none), as in GIE v1.5 and llm-d-router.
+Older releases gave the index's parameters (`blockSizeTokens`, `hashBlockSize`, ...) to the
+scorer itself: then the scorer keeps its own index with them.
 """
 
 from __future__ import annotations
@@ -10,96 +15,128 @@ from __future__ import annotations
 from typing import Any
 
 from epp.datastore import Endpoint
+from epp.errors import ConfigError
 from epp.requests import InferenceRequest
 from epp.scheduling.framework import (
     CycleState,
     EndpointsChanged,
+    Lookup,
     Plugin,
     PrefixIndexHolder,
     PreRequest,
     SchedulingResult,
     Scorer,
+    producer,
 )
 from epp.scheduling.params import Params
-from epp.scheduling.prefix_index import PrefixIndex, block_hashes
+from epp.scheduling.plugins.approx_prefix_cache_producer import (
+    AVERAGE_CHARS_PER_TOKEN,
+    INDEX_PARAMETERS,
+    ApproxPrefixCacheProducer,
+    index_parameters,
+)
+from epp.scheduling.prefix_index import PrefixIndex
 
-AVERAGE_CHARS_PER_TOKEN = 4  # GIE's approximation; the EPP never tokenizes.
-_STATE_KEY = "prefix-cache.hashes"
-_MATCHED_KEY = "prefix-cache.matched"
+__all__ = ["AVERAGE_CHARS_PER_TOKEN", "PrefixCacheScorer"]
 
 
 class PrefixCacheScorer(Scorer, PreRequest, EndpointsChanged, PrefixIndexHolder):
     type_name = "prefix-cache-scorer"
+    hook_order = 10  # its own index learns the pick after the plugins that read this request's match
 
-    def __init__(
-        self,
-        name: str = "",
-        *,
-        block_size_tokens: int = 16,
-        max_prefix_blocks: int = 256,
-        lru_capacity_per_server: int = 31250,
-        block_chars: int | None = None,
-    ) -> None:
+    def __init__(self, name: str = "", *, producer_name: str = "", shared: bool = False,
+                 match_length_weight: float = 0.0, match_length_scale_tokens: int = 8192,
+                 **index: Any) -> None:
         super().__init__(name)
-        self.block_chars = block_chars or block_size_tokens * AVERAGE_CHARS_PER_TOKEN
-        self.block_tokens = max(1, self.block_chars // AVERAGE_CHARS_PER_TOKEN)
-        self.max_prefix_blocks = max_prefix_blocks
-        self.index = PrefixIndex(lru_capacity_per_server)
+        # Its own index until bound to a shared producer (a scorer used on its own keeps its own).
+        self.producer = ApproxPrefixCacheProducer(self.name, **index)
+        self._owns_producer = True
+        self._shared = shared
+        self._producer_name = producer_name
+        self.match_length_weight = match_length_weight
+        self.match_length_scale_tokens = match_length_scale_tokens
 
     @classmethod
-    def from_parameters(cls, name: str, params: dict[str, Any]) -> Plugin:
-        p = Params(cls.type_name, params)
-        block_size_tokens = p.int("blockSizeTokens", 16, minimum=1)
-        # Older releases gave the block size in characters.
-        hash_block_size = p.optional_int("hashBlockSize")
-        max_blocks = p.int("maxPrefixBlocksToMatch", 256, minimum=1)
-        max_tokens = p.optional_int("maxPrefixTokensToMatch")
-        lru = p.int("lruCapacityPerServer", 31250, minimum=1)
-        p.bool("autoTune", True)  # accepted; the block size here is already the server's default (16)
-        p.done()
-        if hash_block_size is not None and hash_block_size < 1:
-            raise ValueError("hashBlockSize must be >= 1")
-        if max_tokens:
-            max_blocks = max(1, max_tokens // block_size_tokens)
-        return cls(
-            name,
-            block_size_tokens=block_size_tokens,
-            max_prefix_blocks=max_blocks,
-            lru_capacity_per_server=lru,
-            block_chars=hash_block_size,
-        )
+    def from_parameters(cls, name: str, params: Params) -> Plugin:
+        producer_name = params.str("prefixMatchInfoProducerName", "", empty=True)
+        weight = params.float("matchLengthWeight", 0.0, minimum=0.0, maximum=1.0)
+        scale = params.int("matchLengthScaleTokens", 8192)
+        if weight > 0 and scale <= 0:
+            raise ConfigError(f"plugin {params.plugin_type!r}: matchLengthScaleTokens must be > 0 when "
+                              f"matchLengthWeight > 0, got {scale}")
+        legacy = [key for key in INDEX_PARAMETERS if params.has(key)]
+        if legacy and producer_name:
+            raise ConfigError(f"plugin {params.plugin_type!r}: {legacy} configure an index; with "
+                              "prefixMatchInfoProducerName give them to that approx-prefix-cache-producer")
+        if legacy:
+            return cls(name, match_length_weight=weight, match_length_scale_tokens=scale, **index_parameters(params))
+        params.done()
+        return cls(name, producer_name=producer_name, shared=True, match_length_weight=weight,
+                   match_length_scale_tokens=scale)
+
+    def bind(self, lookup: Lookup) -> None:
+        if self._shared:
+            self.producer = producer(lookup, ApproxPrefixCacheProducer, self._producer_name,
+                                     param="prefixMatchInfoProducerName")
+            self._owns_producer = False
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"matchLengthWeight": self.match_length_weight}
+        if self.match_length_weight:
+            out["matchLengthScaleTokens"] = self.match_length_scale_tokens
+        if self._owns_producer:
+            out.update(self.producer.describe())
+        else:
+            out["prefixMatchInfoProducerName"] = self.producer.name
+        return out
+
+    # The index, for the plugins that read it through the scorer (prefill-load-scorer).
+    @property
+    def index(self) -> PrefixIndex:
+        return self.producer.index
+
+    @property
+    def block_tokens(self) -> int:
+        return self.producer.block_tokens
+
+    @property
+    def block_chars(self) -> int:
+        return self.producer.block_chars
+
+    @property
+    def max_prefix_blocks(self) -> int:
+        return self.producer.max_prefix_blocks
 
     def hashes(self, state: CycleState, request: InferenceRequest) -> list[int]:
-        hashes = state.data.get(_STATE_KEY)
-        if hashes is None:
-            hashes = block_hashes(request.target_model, request.prompt, self.block_chars, self.max_prefix_blocks)
-            state.data[_STATE_KEY] = hashes
-        return hashes
+        return self.producer.hashes(state, request)
 
     def matched_blocks(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> dict[str, int]:
-        """Leading blocks of this prompt each endpoint holds (absent: none); computed once per cycle."""
-        matched = state.data.get(_MATCHED_KEY)
-        if matched is None:
-            hashes = self.hashes(state, request)
-            matched = self.index.match(hashes, (ep.hostport for ep in endpoints)) if hashes else {}
-            state.data[_MATCHED_KEY] = matched
-        return matched
+        return self.producer.matched_blocks(state, request, endpoints)
 
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
-        matched = self.matched_blocks(state, request, endpoints)
-        total = len(self.hashes(state, request))
+        matched = self.producer.matched_blocks(state, request, endpoints)
+        total = len(self.producer.hashes(state, request))
         if not total:
             return [0.0] * len(endpoints)
-        return [matched.get(ep.hostport, 0) / total for ep in endpoints]
+        w = self.match_length_weight
+        if not w:
+            return [matched.get(ep.hostport, 0) / total for ep in endpoints]
+        per_block = self.producer.block_tokens / self.match_length_scale_tokens
+        out = []
+        for ep in endpoints:
+            blocks = matched.get(ep.hostport, 0)
+            length = min(1.0, blocks * per_block)
+            out.append(w * length * length + (1.0 - w) * blocks / total)
+        return out
 
+    # The hooks reach the index only when it is the scorer's own; a shared producer gets them itself.
     def pre_request(self, state: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
-        hashes = self.hashes(state, request)
-        if hashes:
-            self.index.add(result.endpoint.hostport, hashes)
+        if self._owns_producer:
+            self.producer.pre_request(state, request, result)
 
     def endpoints_changed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
-        for ep in removed:
-            self.index.remove_server(ep.hostport)
+        if self._owns_producer:
+            self.producer.endpoints_changed(added, removed)
 
     def prefix_index_size(self) -> int:
-        return self.index.size()
+        return self.producer.prefix_index_size() if self._owns_producer else 0

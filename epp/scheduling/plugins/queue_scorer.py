@@ -13,6 +13,7 @@ from epp.scheduling.framework import CycleState, Scorer
 
 class QueueScorer(Scorer):
     type_name = "queue-scorer"
+    ignores_parameters = True  # upstream's factory takes none
 
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         queues = []

@@ -13,7 +13,7 @@ from epp.scheduling.framework import CycleState, Scorer
 
 class RunningRequestsScorer(Scorer):
     type_name = "running-requests-scorer"
-    aliases = ("running-requests-size-scorer", "inflight-scorer",)
+    aliases = ("inflight-scorer",)
 
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         counts = [ep.inflight for ep in endpoints]

@@ -1,0 +1,40 @@
+"""session-affinity-filter (llm-d-router): keep only the server the request's session is pinned to,
+when it is a candidate; otherwise keep every candidate (the filter never empties the pool).
+
+How a session is recognised, and what the response tells the client: `epp.scheduling.sessions`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from epp.datastore import Endpoint
+from epp.requests import InferenceRequest
+from epp.scheduling.framework import CycleState, Filter, Plugin, PreRequest, ResponseHeaders, SchedulingResult
+from epp.scheduling.params import Params
+from epp.scheduling.sessions import SessionAffinity
+
+
+class SessionAffinityFilter(Filter, PreRequest, ResponseHeaders):
+    type_name = "session-affinity-filter"
+
+    def __init__(self, name: str = "", *, sessions: SessionAffinity | None = None) -> None:
+        super().__init__(name)
+        self.sessions = sessions or SessionAffinity()
+
+    @classmethod
+    def from_parameters(cls, name: str, params: Params) -> Plugin:
+        return cls(name, sessions=SessionAffinity.from_parameters(params))
+
+    def describe(self) -> dict[str, Any]:
+        return self.sessions.describe()
+
+    def filter(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[Endpoint]:
+        target = self.sessions.choose(state, request, endpoints)
+        return endpoints if target is None else [target]
+
+    def pre_request(self, state: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        self.sessions.commit(state, request, result.endpoint)
+
+    def response_headers(self, request: InferenceRequest, endpoint: Endpoint) -> tuple[tuple[str, str], ...]:
+        return self.sessions.response_headers(endpoint)
