@@ -18,6 +18,7 @@ from epp.datastore import Endpoint
 from epp.errors import ConfigError
 from epp.requests import InferenceRequest
 from epp.scheduling.framework import (
+    Binder,
     CycleState,
     EndpointsChanged,
     Lookup,
@@ -75,9 +76,11 @@ class PrefixCacheScorer(Scorer, PreRequest, EndpointsChanged, PrefixIndexHolder)
                    match_length_scale_tokens=scale)
 
     def bind(self, lookup: Lookup) -> None:
-        if self._shared:
-            self.producer = producer(lookup, ApproxPrefixCacheProducer, self._producer_name,
-                                     param="prefixMatchInfoProducerName")
+        if not self._shared:
+            return
+        shared = producer(lookup, ApproxPrefixCacheProducer, self._producer_name, param="prefixMatchInfoProducerName")
+        if isinstance(lookup, Binder) or lookup(shared.name) is shared:
+            self.producer = shared  # it gets the request hooks itself
             self._owns_producer = False
 
     def describe(self) -> dict[str, Any]:
