@@ -6,7 +6,7 @@ import pytest
 
 from epp.errors import ConfigError
 from epp.scheduling.framework import SchedulingResult
-from epp.scheduling.picker_config import default_config, load_text
+from epp.scheduling.picker_config import default_config, describe, load_text
 from tests.helpers import NOW, endpoint, request
 
 GIE_STYLE = """\
@@ -131,3 +131,112 @@ def test_config_errors_name_the_line(text: str, line: int, needle: str) -> None:
 def test_yaml_syntax_error() -> None:
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_text("plugins: [\n", "cfg.yaml")
+
+
+# --- both config generations, upstream's defaulting -----------------------------------------
+LLMD = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
+GIE = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
+
+
+def test_no_profile_gets_every_scheduling_plugin_at_weight_one() -> None:
+    cfg = load_text(LLMD + "plugins:\n- type: load-aware-scorer\n- type: context-length-aware\n"
+                           "- type: approx-prefix-cache-producer\n")
+    (profile,) = cfg.scheduler.profiles
+    assert profile.name == "default"
+    assert [(ws.scorer.type_name, ws.weight) for ws in profile.scorers] == [
+        ("load-aware-scorer", 1.0), ("context-length-aware", 1.0)]
+    assert [f.type_name for f in profile.filters] == ["context-length-aware"]  # it filters too
+    assert profile.picker is not None
+    assert profile.picker.type_name == "max-score-picker"
+
+
+def test_a_profile_without_a_picker_reuses_the_configs() -> None:
+    cfg = load_text(LLMD + "plugins:\n- type: queue-scorer\n- {type: random-picker, name: rnd}\n"
+                           "schedulingProfiles:\n- name: p\n  plugins:\n  - pluginRef: queue-scorer\n")
+    picker = cfg.scheduler.profiles[0].picker
+    assert picker is not None
+    assert picker.name == "rnd"
+
+
+def test_unknown_parameters_warn_under_gies_api_version_and_fail_under_llm_ds() -> None:
+    body = "plugins:\n- type: load-aware-scorer\n  parameters: {threshold: 5, treshold: 6}\n"
+    cfg = load_text(GIE + body)
+    assert any("['treshold'] ignored" in w for w in cfg.warnings)
+    with pytest.raises(ConfigError, match=r"cfg.yaml:4: .*unknown parameter\(s\) \['treshold'\]"):
+        load_text(LLMD + body, "cfg.yaml")
+
+
+def test_parameters_upstream_never_reads_are_a_warning_in_both() -> None:
+    cfg = load_text(LLMD + "plugins:\n- type: queue-scorer\n  parameters: {foo: 1}\n")
+    assert any("'queue-scorer'" in w and "upstream ignores" in w for w in cfg.warnings)
+
+
+def test_the_v1_5_saturation_detector_reference_and_llm_ds_flow_control_one() -> None:
+    cfg = load_text(LLMD + "plugins:\n- {type: concurrency-detector, name: c, parameters: {maxConcurrency: 7}}\n"
+                           "- {type: utilization-detector, name: u}\n"
+                           "saturationDetector: {pluginRef: u}\nflowControl:\n  saturationDetector: {pluginRef: c}\n")
+    assert cfg.saturation.type_name == "concurrency-detector"  # the newer field wins, as upstream
+    assert cfg.saturation_name == "c"
+
+
+def test_the_flow_control_section_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"flowControl \['priorityBands'\] is not supported by epp: flow control"):
+        load_text(LLMD + "flowControl:\n  priorityBands: []\n")
+
+
+def test_built_in_types_are_found_by_their_names() -> None:
+    cfg = load_text(GIE + "plugins:\n- {type: single-profile-handler, name: h}\n- {type: openai-parser, name: o}\n"
+                          "- {type: queue-scorer, name: q}\n"
+                          "schedulingProfiles:\n- name: p\n  plugins: [{pluginRef: h}, {pluginRef: q}]\n"
+                          "parser: {pluginRef: o}\n")
+    assert [ws.scorer.name for ws in cfg.scheduler.profiles[0].scorers] == ["q"]
+    assert cfg.parsers.names() == ["o", "passthrough-parser"]  # GIE's one parser saw every path
+
+
+def test_an_unused_plugin_is_reported() -> None:
+    cfg = load_text(LLMD + "plugins:\n- type: queue-scorer\n- type: kv-cache-utilization-scorer\n"
+                           "schedulingProfiles:\n- name: p\n  plugins: [{pluginRef: queue-scorer}]\n")
+    assert any("'kv-cache-utilization-scorer'" in w and "not used" in w for w in cfg.warnings)
+
+
+def test_data_layer_settings_left_out_stay_none_for_the_flags() -> None:
+    cfg = load_text(LLMD + "plugins:\n- type: metrics-data-source\n  parameters: {path: /m}\n")
+    layer = cfg.data_layer
+    assert (layer.scrape, layer.path, layer.scheme, layer.interval, layer.insecure_skip_verify) == (
+        True, "/m", None, None, None)
+
+
+@pytest.mark.parametrize(("params", "needle"), [
+    ("{scheme: ftp}", "must be one of"),
+    ("{port: 70000}", "invalid port"),
+    ("{interval: soon}", "duration"),
+    ("{clientCertPath: /c.pem}", "set together"),
+    ("{path: metrics}", "start with '/'"),
+])
+def test_bad_metrics_data_source_parameters(params: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_text(LLMD + f"plugins:\n- type: metrics-data-source\n  parameters: {params}\n")
+
+
+def test_an_engine_default_must_exist() -> None:
+    with pytest.raises(ConfigError, match="defaultEngine 'tgi' not found"):
+        load_text(LLMD + "plugins:\n- type: core-metrics-extractor\n  parameters: {defaultEngine: tgi}\n")
+
+
+def test_describe_prints_the_resolved_profile_with_defaults() -> None:
+    cfg = load_text(LLMD + "plugins:\n- type: load-aware-scorer\n- type: token-load-scorer\n", "c.yaml")
+    text = describe(cfg)
+    assert text.startswith("# c.yaml: loads\napiVersion: llm-d.ai/v1alpha1\n")
+    assert "  - load-aware-scorer  weight: 1\n      threshold: 128\n" in text
+    assert "queueThresholdTokens: 4194304" in text
+    assert "- inflight-load-producer\n" in text  # created for token-load-scorer, as upstream does
+    assert "  type: utilization-detector\n  queueDepthThreshold: 5\n" in text
+    assert "parsers: [openai-parser, anthropic-parser, vllmhttp-parser, passthrough-parser]" in text
+
+
+def test_response_headers_come_from_the_plugins_that_add_them() -> None:
+    cfg = load_text(LLMD + "plugins:\n- type: session-affinity-scorer\n- type: destination-endpoint-served-verifier\n")
+    r = request()
+    r.served_endpoint = "10.0.0.1:1"
+    headers = dict(cfg.scheduler.response_headers(r, endpoint(1)))
+    assert set(headers) == {"x-session-token", "x-conformance-test-served-endpoint"}
