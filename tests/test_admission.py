@@ -60,3 +60,16 @@ def test_one_idle_server_does_not_hide_an_overloaded_pool() -> None:
     d = director(endpoint(1, waiting=15), endpoint(2, waiting=0))
     with pytest.raises(EppError):
         admit(d, req("batch"))
+
+
+def test_the_configs_concurrency_detector_decides_shedding() -> None:
+    from epp.scheduling.picker_config import load_text
+
+    config = load_text("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n"
+                       "- {type: concurrency-detector, parameters: {maxConcurrency: 2}}\n- type: queue-scorer\n"
+                       "saturationDetector: {pluginRef: concurrency-detector}\n", seed=1)
+    busy = (endpoint(1, waiting=50, inflight=2), endpoint(2, waiting=50, inflight=1))
+    admit(director(*busy, config=config), req("batch"))  # 3 of 4 in flight: under capacity, queues notwithstanding
+    full = (endpoint(1, inflight=2), endpoint(2, inflight=2))
+    with pytest.raises(EppError):
+        admit(director(*full, config=config), req("batch"))
