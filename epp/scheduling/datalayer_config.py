@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from epp.datalayer.engines import parse_spec
+from epp.datalayer.engines import ENGINE_LABEL, EngineMapping, MetricSpec, parse_spec
 from epp.errors import ConfigError
 from epp.scheduling.params import Params
 
+# llm-d-router's label naming a pod's engine; GIE's (epp's ENGINE_LABEL) is read when it is absent.
+LLMD_ENGINE_LABEL = "llm-d.ai/engine-type"
 METRICS_DATA_SOURCE = "metrics-data-source"
 CORE_METRICS_EXTRACTOR = "core-metrics-extractor"
 ENDPOINT_NOTIFICATION_SOURCE = "endpoint-notification-source"
@@ -78,6 +80,60 @@ class DataLayerConfig:
         if self.engines:
             out["engineConfigs"] = [e.name for e in self.engines]
         return out or {"scrape": True}
+
+
+@dataclass(frozen=True, slots=True)
+class ScrapeSettings:
+    """What the scraper does, the config's settings over the flags'."""
+
+    scrape: bool
+    scheme: str
+    path: str
+    port: int | None
+    verify_tls: bool
+    ca_cert_path: str | None
+    client_cert_path: str | None
+    client_key_path: str | None
+    interval: float
+
+
+def scrape_settings(layer: DataLayerConfig, *, scheme: str, path: str, insecure_skip_verify: bool,
+                    refresh_interval: float) -> ScrapeSettings:
+    """The config's values where it gives them, else the flags' (upstream: config, flag, default).
+    The interval is rounded to a whole number of `refresh_interval` ticks, at least one."""
+    if layer.legacy_metrics:
+        layer = DataLayerConfig(scrape=layer.scrape)
+    interval = refresh_interval
+    if layer.interval is not None and refresh_interval > 0:
+        interval = max(1, round(layer.interval / refresh_interval)) * refresh_interval
+    skip = insecure_skip_verify if layer.insecure_skip_verify is None else layer.insecure_skip_verify
+    return ScrapeSettings(layer.scrape, layer.scheme or scheme, layer.path or path, layer.port, not skip,
+                          layer.ca_cert_path, layer.client_cert_path, layer.client_key_path, interval)
+
+
+def engine_of(labels: dict[str, str], layer: DataLayerConfig, default: str) -> str:
+    """The engine a pod's labels name (the config's label key, else llm-d-router's, else GIE's),
+    or the config's default engine, else `default` (the --engine-type flag)."""
+    keys = (layer.engine_label_key,) if layer.engine_label_key else (LLMD_ENGINE_LABEL, ENGINE_LABEL)
+    for key in keys:
+        engine = labels.get(key)
+        if engine:
+            return engine
+    return layer.default_engine or default
+
+
+def engine_mappings(layer: DataLayerConfig, base: dict[str, EngineMapping]) -> dict[str, EngineMapping]:
+    """`base` (epp's engines, flags applied) with the config's engines added or replacing theirs."""
+    out = dict(base)
+    for engine in layer.engines:
+        out[engine.name] = EngineMapping(
+            queue=_specs(engine.queue), running=_specs(engine.running), kv_usage=_specs(engine.kv_usage),
+            lora_info=_specs(engine.lora)).with_names()
+    return out
+
+
+def _specs(text: str) -> tuple[MetricSpec, ...]:
+    return (parse_spec(text),) if text else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,4 +223,7 @@ def _engine(p: Params, where: str, i: int) -> EngineMetrics:
     block_label = p.str("cacheBlockSizeLabelName", "", empty=True) or "block_size"
     blocks_label = p.str("cacheNumBlocksLabelName", "", empty=True) or "num_gpu_blocks"
     p.done()
+    if fields["cache_info"] or fields["cache_block_size"] or fields["cache_num_blocks"]:
+        p.warnings.append(f"{where}: engineConfigs[{i}] ({name}): the cache configuration specs have no effect: "
+                          "epp's prefix index takes its block size from blockSizeTokens")
     return EngineMetrics(name, cache_block_size_label=block_label, cache_num_blocks_label=blocks_label, **fields)
