@@ -121,8 +121,8 @@ class InFlightLoadProducer(Plugin, PreRequest, ResponseStarted, ResponseComplete
         if prefix is not None and tokens:
             total = len(prefix.hashes(state, request))
             matched = prefix.matched_blocks(state, request, endpoints).get(ep.hostport, 0)
-            indexed = total * prefix.block_tokens
-            cost = max(0, indexed - matched * prefix.block_tokens) + max(0, tokens - indexed)
+            indexed = min(tokens, total * prefix.block_tokens)  # the last block may be partial
+            cost = max(0, indexed - matched * prefix.block_tokens) + tokens - indexed
         if self.add_output_tokens and tokens:
             out = round(tokens * self.output_ratio)
             if request.max_tokens is not None:
