@@ -126,6 +126,11 @@ class Params:
                 self._params.pop(key)
                 self.warnings.append(f"plugin {self.plugin_type!r}: parameter {key!r} has no effect ({why})")
 
+    def rest(self) -> dict[builtins.str, Any]:
+        """Every parameter not consumed yet, handed to a reader of its own (flow control's policies)."""
+        left, self._params = self._params, {}
+        return left
+
     def sub(self, key: builtins.str, mapping: dict[builtins.str, Any]) -> Params:
         """Read a nested object with the same strictness; its errors name `parent.child`."""
         return Params(f"{self.plugin_type}' parameter '{key}", mapping, strict=self.strict, warnings=self.warnings)

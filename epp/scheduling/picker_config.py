@@ -27,6 +27,15 @@ from typing import Any
 
 from epp.admission import Detector, SaturationConfig, UtilizationDetector
 from epp.errors import ConfigError
+from epp.flowcontrol.config import (
+    POLICY_TYPES,
+    REFUSED_POLICY_TYPES,
+    SECTION_FIELDS,
+    FlowControlConfig,
+    PolicyPlugin,
+    parse_flow_control,
+    policy_plugin,
+)
 from epp.requests import PARSER_TYPES, Parser, ParserSet, PassthroughParser
 from epp.scheduling import refused, registry
 from epp.scheduling.datalayer_config import (
@@ -126,13 +135,18 @@ class PickerConfig:
     source: str = "<config>"
     api_version: str = GIE_API
     saturation_name: str = "utilization-detector"
+    # Set when the flowControl gate is on (and the caller runs flow control), from the flowControl section.
+    flow_control: FlowControlConfig | None = None
 
 
 def _default_parser_types() -> list[type[Parser]]:
     return [PARSER_TYPES[t] for t in DEFAULT_PARSERS]
 
 
-def load_text(text: str, source: str = "<config>", *, seed: int | None = None) -> PickerConfig:
+def load_text(text: str, source: str = "<config>", *, seed: int | None = None,
+              runs_flow_control: bool = False) -> PickerConfig:
+    """Load a config. `runs_flow_control`: the caller runs epp.flowcontrol's controller with
+    `PickerConfig.flow_control`; without it the flowControl gate is refused."""
     try:
         docs = load_documents(text, source)
     except YamlError as e:
@@ -144,19 +158,19 @@ def load_text(text: str, source: str = "<config>", *, seed: int | None = None) -
     doc = docs[0]
     if not isinstance(doc, dict):
         raise ConfigError(f"{_where(doc, source)}: the configuration must be a mapping")
-    config = _Loader(doc, source, seed).build()
+    config = _Loader(doc, source, seed, runs_flow_control).build()
     for warning in config.warnings:
         log.warning("%s: %s", source, warning)
     return config
 
 
-def load_file(path: str, *, seed: int | None = None) -> PickerConfig:
+def load_file(path: str, *, seed: int | None = None, runs_flow_control: bool = False) -> PickerConfig:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    return load_text(text, path, seed=seed)
+    return load_text(text, path, seed=seed, runs_flow_control=runs_flow_control)
 
 
 def default_config(*, seed: int | None = None) -> PickerConfig:
@@ -174,15 +188,18 @@ class _Instance:
     parser: Parser | None = None
     source: MetricsSource | None = None
     extractor: MetricsExtractor | None = None
+    policy: PolicyPlugin | None = None  # a flow-control policy
     component: str = ""  # what else it is: "profile-handler", "notification-source", "token-producer", ...
     used: bool = False
 
 
 class _Loader:
-    def __init__(self, doc: dict[str, Any], source: str, seed: int | None) -> None:
+    def __init__(self, doc: dict[str, Any], source: str, seed: int | None, runs_flow_control: bool = False) -> None:
         self.doc = doc
         self.source = source
         self.seed = seed
+        self.runs_flow_control = runs_flow_control
+        self.flow_on = False
         self.warnings: list[str] = []
         self.instances: dict[str, _Instance] = {}
         self.plugins: dict[str, Plugin] = {}  # scheduling plugins, producers, detectors by name
@@ -211,7 +228,9 @@ class _Loader:
                 raise self.fail(doc, f"unknown field {key!r}; known fields: {', '.join(sorted(TOP_LEVEL))}")
 
         gates = self.feature_gates(doc.get("featureGates"))
-        flow = self.flow_control(doc.get("flowControl"))
+        flow = doc.get("flowControl")
+        if flow is not None and not isinstance(flow, dict):
+            raise self.fail(doc, "flowControl must be a mapping")
 
         specs = doc.get("plugins")
         if specs is None:
@@ -222,6 +241,7 @@ class _Loader:
             self.instantiate(spec)
         self.bind()
 
+        flow_control = self.flow_control(flow)
         profiles = self.profiles(doc.get("schedulingProfiles"))
         detector, detector_name = self.saturation(doc.get("saturationDetector"), flow)
         parsers = self.parsers(doc)
@@ -229,7 +249,7 @@ class _Loader:
         self.report_unused()
         scheduler = Scheduler(profiles, self.hook_order())
         return PickerConfig(scheduler, detector, parsers, data_layer, gates, self.warnings, self.source,
-                            self.api, detector_name)
+                            self.api, detector_name, flow_control)
 
     def feature_gates(self, gates: Any) -> dict[str, bool]:
         out = dict(FEATURE_GATES)
@@ -249,24 +269,35 @@ class _Loader:
                     raise self.fail(gates, f"{value!r} is not a valid value for the feature gate {name}")
                 enabled = text in ("true", "1", "t")
             out[name] = enabled
-        if out["flowControl"]:
+        if out["flowControl"] and not self.runs_flow_control:
             raise self.fail(gates, f"feature gate 'flowControl' is not supported by epp: {refused.FLOW_CONTROL_LATER}")
+        self.flow_on = out["flowControl"]
         if not out["haPopulateNonLeaderDatastore"]:
             self.warnings.append("feature gate haPopulateNonLeaderDatastore=false has no effect: epp's replicas "
                                  "all keep the pool's state")
         return out
 
-    def flow_control(self, flow: Any) -> dict[str, Any] | None:
-        """llm-d-router's flowControl section: its saturationDetector is honoured, the rest is refused."""
-        if flow is None:
-            return None
-        if not isinstance(flow, dict):
-            raise self.fail(self.doc, "flowControl must be a mapping")
-        others = sorted(set(flow) - {"saturationDetector"})
-        if others:
-            raise self.fail(flow, f"flowControl {others} is not supported by epp: {refused.FLOW_CONTROL_LATER}; "
-                                  "only flowControl.saturationDetector is read")
-        return flow
+    def flow_control(self, flow: dict[str, Any] | None) -> FlowControlConfig | None:
+        """The flowControl section (epp.flowcontrol reads it) with the gate on. With it off the section's
+        settings are ignored, as upstream ignores them, with a warning; its saturationDetector is read."""
+        policies = {i.name: i.policy for i in self.instances.values() if i.policy is not None}
+        if self.flow_on:
+            for inst in self.instances.values():
+                if inst.component == "flow-control-policy":
+                    inst.used = True
+            return parse_flow_control(flow, self.fail, policies)
+        if flow is not None:
+            unknown = sorted(set(flow) - set(SECTION_FIELDS))
+            if unknown:
+                raise self.fail(flow, f"flowControl: unknown field(s) {unknown}; known: {', '.join(SECTION_FIELDS)}")
+            if set(flow) - {"saturationDetector"}:
+                self.warnings.append("the flowControl section is set but the flowControl feature gate is off; its "
+                                     "settings (other than saturationDetector) are ignored")
+        for inst in self.instances.values():
+            if inst.component == "flow-control-policy":
+                inst.used = True
+                self.warnings.append(f"plugin {inst.name!r} ({inst.type_name}) has no effect: flow control is off")
+        return None
 
     # --- plugins ------------------------------------------------------------------
     def instantiate(self, spec: Any) -> None:
@@ -299,9 +330,12 @@ class _Loader:
         if why is not None:
             raise ConfigError(why)
         if ptype in refused.FLOW_CONTROL_POLICIES:
-            self.warnings.append(f"plugin {name!r} ({ptype}) has no effect: flow control is off")
+            # epp.flowcontrol reads its policies; ones it does not run are refused there with the gate on.
             inst.component = "flow-control-policy"
-            inst.used = True
+            if ptype in POLICY_TYPES or (self.flow_on and ptype in REFUSED_POLICY_TYPES):
+                inst.policy = policy_plugin(ptype, name, params.rest(), lambda _where, msg: ConfigError(msg), spec)
+            else:
+                params.rest()
             return inst
         if ptype in PARSER_TYPES:
             params.done(ignored_upstream=True)
@@ -704,6 +738,16 @@ def describe(config: PickerConfig) -> str:
     lines.append(f"  name: {config.saturation_name}")
     lines.append(f"  type: {detector.type_name}")
     lines.extend(f"  {k}: {_value(v)}" for k, v in detector.describe().items())
+    flow = config.flow_control
+    if flow is not None:
+        lines.append("flowControl:")
+        lines.append(f"  maxRequests: {flow.max_requests or 'unlimited'}")
+        lines.append(f"  maxBytes: {flow.max_bytes or 'unlimited'}")
+        lines.append(f"  defaultRequestTTL: {flow.default_request_ttl:g}s")
+        lines.append(f"  noEndpointRequestTTL: {flow.no_endpoint_request_ttl:g}s")
+        for priority, band in sorted(flow.bands.items()):
+            lines.append(f"  - priority: {priority}  maxRequests: {band.max_requests}  ordering: {band.ordering}  "
+                         f"fairness: {band.fairness}")
     lines.append("requestHandler:")
     lines.append("  parsers: [" + ", ".join(f"{p.name} ({p.type_name})" if p.name != p.type_name else p.name
                                             for p in config.parsers.parsers) + "]")

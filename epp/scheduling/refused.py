@@ -2,9 +2,9 @@
 
 A config naming one fails at start-up with
 `file:line: plugin type X is not supported by epp (why; what to use instead)`,
-never loads with it silently dropped. Flow control's policy types are different: upstream
-itself instantiates them and leaves them unused while flow control is off, so they load with a
-warning (flow control itself, the `flowControl` feature gate and section, is refused).
+never loads with it silently dropped. Flow control's policy types are different: epp.flowcontrol
+reads them; while flow control is off upstream builds them and leaves them unused, so they load
+with a warning.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ FLOW_CONTROL_POLICIES = frozenset({
     "eviction-priority-then-time-ordering", "priority-then-time-eviction-order-policy",
 })
 
-FLOW_CONTROL_LATER = ("flow control (queueing under saturation, priority bands, fairness) is not built into epp "
+FLOW_CONTROL_LATER = ("flow control (queueing under saturation, priority bands, fairness) is not enabled in epp "
                       "yet; without it sheddable requests get 429 while the pool is saturated, as upstream does "
                       "with the flowControl feature gate off")
 

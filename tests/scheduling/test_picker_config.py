@@ -179,9 +179,28 @@ def test_the_v1_5_saturation_detector_reference_and_llm_ds_flow_control_one() ->
     assert cfg.saturation_name == "c"
 
 
-def test_the_flow_control_section_is_refused_by_name() -> None:
-    with pytest.raises(ConfigError, match=r"flowControl \['priorityBands'\] is not supported by epp: flow control"):
-        load_text(LLMD + "flowControl:\n  priorityBands: []\n")
+def test_the_flow_control_section_is_ignored_with_the_gate_off_and_parsed_with_it_on() -> None:
+    section = ("plugins:\n- {type: round-robin-fairness-policy, name: fair}\n"
+               "flowControl:\n  maxRequests: 1k\n  priorityBands:\n  - {priority: 10, fairnessPolicyRef: fair}\n")
+    off = load_text(LLMD + section)
+    assert off.flow_control is None
+    assert any("feature gate is off" in w for w in off.warnings)
+    assert any("'fair' (round-robin-fairness-policy) has no effect" in w for w in off.warnings)
+    with pytest.raises(ConfigError, match="feature gate 'flowControl' is not supported"):
+        load_text(LLMD + "featureGates: [flowControl]\n" + section)
+    on = load_text(LLMD + "featureGates: [flowControl]\n" + section, runs_flow_control=True)
+    assert on.flow_control is not None
+    assert on.flow_control.max_requests == 1000
+    assert on.flow_control.band(10).fairness == "round-robin-fairness-policy"
+
+
+def test_flow_control_errors_name_the_line() -> None:
+    text = (LLMD + "featureGates: [flowControl]\nflowControl:\n  priorityBands:\n"
+            "  - {priority: 1, orderingPolicyRef: nope}\n")
+    with pytest.raises(ConfigError, match=r"^c.yaml:6: orderingPolicyRef: no plugin named 'nope'"):
+        load_text(text, "c.yaml", runs_flow_control=True)
+    with pytest.raises(ConfigError, match=r"^c.yaml:4: .*threshold must be in"):
+        load_text(LLMD + "plugins:\n- {type: static-usage-limit-policy, parameters: {threshold: 2}}\n", "c.yaml")
 
 
 def test_built_in_types_are_found_by_their_names() -> None:

@@ -90,7 +90,8 @@ def test_every_upstream_type_loads_or_is_refused_by_name(type_name: str) -> None
             assert message.startswith(f"t.yaml:4: plugin type {type_name!r} is not supported by epp (")
             assert "; instead: " in message
         else:  # a type epp runs that cannot go without parameters, as upstream
-            assert type_name in {"by-label", "header-label-affinity-scorer", "utilization-filter"}, message
+            assert type_name in {"by-label", "header-label-affinity-scorer", "utilization-filter",
+                                 "priority-holdback-policy"}, message
         return
     assert type_name not in refused.REFUSED
     if type_name in refused.FLOW_CONTROL_POLICIES:
