@@ -391,7 +391,13 @@ def _route_configuration(name: str, entries: dict[str, list[tuple[tuple[Any, ...
             404, "no HTTPRoute rule matches this request", "NotFoundError")))
         if _uses_model_headers([rule for _, _, rule in own]):
             # Body-based routing runs before the route is chosen, so it is enabled for the whole host.
-            vhost.typed_per_filter_config[BBR_FILTER].CopyFrom(_any(rc.FilterConfig()))
+            vhost.typed_per_filter_config[BBR_FILTER].CopyFrom(_any(ext_proc_pb2.ExtProcPerRoute(
+                overrides=ext_proc_pb2.ExtProcOverrides(grpc_service=_grpc(BBR_CLUSTER)))))
+            # Envoy decides which filters a request's chain has from the route matched before body-based
+            # routing ran; so here the pick and the observer are in every chain, and skip (disabled per
+            # route) unless the route chosen after it, naming a pool, points them at its picker.
+            for name in (PICK_FILTER, OBSERVER_FILTER):
+                vhost.typed_per_filter_config[name].CopyFrom(_any(ext_proc_pb2.ExtProcPerRoute(disabled=True)))
         config.virtual_hosts.append(vhost)
     return config
 

@@ -6,10 +6,7 @@ edit of the manifests.
 
 from __future__ import annotations
 
-import ctypes
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from importlib import resources
@@ -37,13 +34,6 @@ def bootstrap(xds_port: int, admin_port: int, xds_address: str = "127.0.0.1", no
     return header + yaml.safe_dump(cfg, sort_keys=False)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: Linux ends Envoy if the gateway dies without stopping it."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class GatewayEnvoy:
     """An Envoy child process; `stop()` ends it."""
 
@@ -61,8 +51,9 @@ class GatewayEnvoy:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        # No preexec hook: fork handlers and gRPC's threads do not mix. stop() ends Envoy.
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
 
     @property
     def running(self) -> bool:

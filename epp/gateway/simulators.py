@@ -78,20 +78,21 @@ def _adapter_name(spec: str) -> str:
 
 
 def pod_servers(paths: Sequence[str], namespace: str = "default") -> list[PodServer]:
-    """A server for every endpoint of every pool in the manifests (each once)."""
-    spec = manifests.load(paths, namespace)
-    pods: dict[str, dict[str, Any]] = {}
-    for f in manifests.manifest_files(paths):
-        with open(f, encoding="utf-8") as fh:
-            for doc in load_documents(fh.read(), f):
-                if isinstance(doc, dict) and doc.get("kind") == "Pod":
-                    pods[str((doc.get("metadata") or {}).get("name"))] = doc
+    """A server for every endpoint of every pool, each once; each path is a set of manifests of its own."""
     out: dict[tuple[str, int], PodServer] = {}
-    for pool in spec.pools.values():
-        for ep in pool.snapshot.endpoints:
-            pod_name = ep.name.split("-rank-")[0] if "-rank-" in ep.name else ep.name
-            models, adapters, max_lora = vllm_models(pods.get(pod_name, {}))
-            out.setdefault((ep.host, ep.port), PodServer(ep.name, ep.host, ep.port, models, adapters, max_lora))
+    for path in paths:
+        spec = manifests.load([path], namespace)
+        pods: dict[str, dict[str, Any]] = {}
+        for f in manifests.manifest_files([path]):
+            with open(f, encoding="utf-8") as fh:
+                for doc in load_documents(fh.read(), f):
+                    if isinstance(doc, dict) and doc.get("kind") == "Pod":
+                        pods[str((doc.get("metadata") or {}).get("name"))] = doc
+        for pool in spec.pools.values():
+            for ep in pool.snapshot.endpoints:
+                pod_name = ep.name.split("-rank-")[0]
+                models, adapters, max_lora = vllm_models(pods.get(pod_name, {}))
+                out.setdefault((ep.host, ep.port), PodServer(ep.name, ep.host, ep.port, models, adapters, max_lora))
     return list(out.values())
 
 
