@@ -24,6 +24,7 @@ POOL_GROUPS = ("inference.networking.k8s.io", "inference.networking.x-k8s.io")
 # GEP-2257 durations: up to four number-unit pairs of h, m, s, ms ("1h", "10s", "500ms", "0s").
 _GATEWAY_DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
+_NOT_RE2 = re.compile(r"\(\?<?[=!]|\(\?>|\\[1-9]")  # what Python's re takes and RE2 refuses
 _METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 
 
@@ -315,6 +316,9 @@ def _regex(value: str, node: Any, fail: Fail) -> None:
         re.compile(value)
     except re.error as e:
         raise fail(node, f"regular expression {value!r} does not compile: {e}") from None
+    if _NOT_RE2.search(value):
+        raise fail(node, f"regular expression {value!r}: RE2 (Envoy's regular expressions) has no lookaround, "
+                         "backreferences or atomic groups")
 
 
 def _pool_ref(ref: Any, ns: str, what: str, fail: Fail,

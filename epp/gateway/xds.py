@@ -45,6 +45,7 @@ class _Stream:
     subscribed: dict[str, set[str] | None] = field(default_factory=dict)  # None: every resource
     pending: dict[str, _Sent] = field(default_factory=dict)  # sent, neither acknowledged nor refused yet
     last_nonce: dict[str, str] = field(default_factory=dict)  # of the latest response of each type
+    sent_version: dict[str, int] = field(default_factory=dict)
     acked: dict[str, int] = field(default_factory=dict)
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)  # type -> (version, Envoy's reason)
     out: asyncio.Queue[discovery_pb2.DiscoveryResponse] = field(default_factory=asyncio.Queue)
@@ -148,6 +149,7 @@ class XdsServer:
         version = self.versions[t]
         st.pending[t] = _Sent(nonce, version)
         st.last_nonce[t] = nonce
+        st.sent_version[t] = version
         st.out.put_nowait(discovery_pb2.DiscoveryResponse(version_info=str(version), resources=packed, type_url=t,
                                                           nonce=nonce))
 
@@ -169,7 +171,8 @@ class XdsServer:
         ok = True
         for i, t in enumerate(changed):
             for st in list(self._streams):
-                if t in st.subscribed:
+                # A stream that asked in the meantime (new names) already has this version.
+                if t in st.subscribed and st.sent_version.get(t) != self.versions[t]:
                     self._send(st, t)
             try:
                 ok = await self._acknowledged(t) and ok
