@@ -417,9 +417,9 @@ def _mirror_routes(spec: GatewaySpec) -> route_pb2.RouteConfiguration:
     return route_pb2.RouteConfiguration(name=MIRROR_LISTENER, virtual_hosts=[vhost])
 
 
-def local_port(listener: Listener | int, ports: Ports) -> int:
-    port = listener if isinstance(listener, int) else listener.port
-    return ports.port_map.get(port, port)
+def local_port(listener: Listener, port_map: Mapping[int, int]) -> int:
+    """The local port a Gateway listener is served on (`--port-map`)."""
+    return port_map.get(listener.port, listener.port)
 
 
 def build(spec: GatewaySpec, ports: Ports, draining: Mapping[PoolRef, Pool] | None = None) -> Resources:
@@ -438,10 +438,10 @@ def build(spec: GatewaySpec, ports: Ports, draining: Mapping[PoolRef, Pool] | No
     routes: dict[str, message.Message] = {}
     by_port: dict[int, dict[str, list[tuple[tuple[Any, ...], rc.Route, Rule]]]] = {}
     for lst in spec.listeners:
-        by_port.setdefault(local_port(lst, ports), {})
+        by_port.setdefault(local_port(lst, ports.port_map), {})
     for route in spec.routes:
         for lst in spec.attachments.get(route.key, ()):
-            entries = by_port.setdefault(local_port(lst, ports), {})
+            entries = by_port.setdefault(local_port(lst, ports.port_map), {})
             for domain in _domains(route.hostnames, lst.hostname):
                 bucket = entries.setdefault(domain, [])
                 for rule in route.rules:

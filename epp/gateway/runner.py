@@ -145,7 +145,7 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self._watch()))
         log.info("epp gateway serving %s: %d listeners (%s), %d routes, %d pools; xDS on 127.0.0.1:%d%s",
                  ", ".join(opts.manifests), len(spec.listeners),
-                 ", ".join(f"{opts.address}:{envoy_config.local_port(lst, self._ports_hint())}"
+                 ", ".join(f"{opts.address}:{envoy_config.local_port(lst, self.opts.port_map)}"
                            for lst in spec.listeners),
                  len(spec.routes), len(spec.pools), self.xds_port,
                  f", status on :{opts.admin_port}/status" if opts.admin_port else "")
@@ -194,9 +194,6 @@ class Gateway:
         self.stopped.set()
 
     # --- applying manifests -------------------------------------------------------------
-    def _ports_hint(self) -> envoy_config.Ports:
-        return envoy_config.Ports({}, 0, 0, self.opts.address, self.opts.port_map)
-
     def _ports(self) -> envoy_config.Ports:
         pickers = {ref: p.port for ref, p in self.pickers.items()}
         return envoy_config.Ports(pickers, self.xds_port, self.mirror_port, self.opts.address, self.opts.port_map)
@@ -225,8 +222,12 @@ class Gateway:
                 if ref in self.pickers:
                     self.pickers[ref].update(pool)
                 else:
-                    picker = PoolPicker(pool, self.opts.picker, Path(self._workdir.name))
-                    await picker.start()
+                    try:
+                        picker = PoolPicker(pool, self.opts.picker, Path(self._workdir.name))
+                        await picker.start()
+                    except (ValueError, OSError) as e:  # a picker setting it cannot serve, a port taken
+                        self._refused(f"pool {ref}: its picker did not start: {e}")
+                        return False
                     self.pickers[ref] = picker
             gone = {ref: p for ref, p in self.pickers.items() if ref not in spec.pools and ref not in self.draining}
             keep = {**self._draining_pools(), **{ref: p.pool for ref, p in gone.items()}}
@@ -297,7 +298,10 @@ class Gateway:
             if current == self._stamp:
                 continue
             self._stamp = current
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception:  # a bug must not end the watch: the last good configuration keeps serving
+                log.exception("applying the manifests failed; the last good configuration stays")
 
     # --- admin endpoint -----------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -322,10 +326,10 @@ class Gateway:
             "last_apply_seconds": self.last_apply_seconds, "last_error": self.last_error,
             "last_error_at": self.last_error_at, "files": list(spec.files) if spec else [],
             "listeners": [{"gateway": lst.gateway, "name": lst.name, "port": lst.port,
-                           "local_port": envoy_config.local_port(lst, self._ports_hint())}
+                           "local_port": envoy_config.local_port(lst, self.opts.port_map)}
                           for lst in (spec.listeners if spec else ())],
             "routes": routes, "pools": pools, "base_models": dict(self.bbr.base_models.adapters),
-            "envoy": {"connected": self.xds.streams, "versions": {envoy_config_short(t): v
+            "envoy": {"connected": self.xds.streams, "versions": {_short(t): v
                                                                   for t, v in self.xds.versions.items()}},
         }
 
@@ -343,6 +347,6 @@ class Gateway:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
 
-def envoy_config_short(type_url: str) -> str:
+def _short(type_url: str) -> str:
     return type_url.rsplit(".", 1)[-1]
 
