@@ -11,7 +11,8 @@ On a schedule spread over `--duration`, each fault runs once, with quiet time be
 - pod-kill: SIGKILL one pod's process; restart it 5 s later;
 - metrics-hang: one pod's /metrics hangs for 8 s, then answers garbage for 8 s (NaN and
   out-of-range gauges, unparsable text, random bytes, in turn), then heals;
-- epp-kill: SIGKILL epp and start it again at once;
+- epp-kill, epp-term: SIGKILL epp (a crash), or SIGTERM it (a rollout: it drains, then exits), and start
+  it again at once;
 - envoy-restart (FailClose, then FailOpen): stop that Envoy and start it again.
 
 A fault's window runs from its start until the gateway has recovered from it (the pod serves
@@ -209,6 +210,7 @@ class Gateway:
 @dataclass
 class Fault:
     name: str
+    pod: str = ""  # the pod it hits, if one
     started: float = 0.0
     recovered: float = 0.0  # the gateway is whole again (before SETTLE)
     note: str = ""
@@ -227,7 +229,7 @@ def served_by(outcomes: list[Outcome], pod: Pod, since: float) -> bool:
 
 
 def pod_kill(gw: Gateway, outcomes: list[Outcome], pod: Pod) -> Fault:
-    f = Fault(f"pod-kill {pod.name}")
+    f = Fault(f"pod-kill {pod.name}", pod.name)
     f.started = time.monotonic()
     assert pod.proc is not None
     pod.proc.kill()
@@ -244,7 +246,7 @@ def pod_kill(gw: Gateway, outcomes: list[Outcome], pod: Pod) -> Fault:
 
 
 def metrics_hang(gw: Gateway, outcomes: list[Outcome], pod: Pod) -> Fault:
-    f = Fault(f"metrics-hang+garbage {pod.name}")
+    f = Fault(f"metrics-hang+garbage {pod.name}", pod.name)
     f.started = time.monotonic()
     pod.control(metrics_delay=30.0)
     time.sleep(8)
@@ -260,19 +262,21 @@ def metrics_hang(gw: Gateway, outcomes: list[Outcome], pod: Pod) -> Fault:
     return f
 
 
-def epp_kill(gw: Gateway, outcomes: list[Outcome]) -> Fault:
-    f = Fault("epp-kill")
+def epp_restart(gw: Gateway, outcomes: list[Outcome], sig: signal.Signals) -> Fault:
+    """SIGKILL (a crash) or SIGTERM (a rollout: epp drains, then exits), then start epp again at once."""
+    f = Fault("epp-kill" if sig == signal.SIGKILL else "epp-term")
     f.started = time.monotonic()
     assert gw.epp is not None
-    gw.epp.kill()
-    gw.epp.wait()
+    gw.epp.send_signal(sig)
+    gw.epp.wait(60)
+    exited = time.monotonic()
     gw.start_epp()
     serving = time.monotonic()
     for envoy in gw.envoys.values():
         envoy.wait_ready(30)  # its health check of the ext_proc cluster sees epp again
     f.recovered = time.monotonic()
-    f.note = (f"serving health {serving - f.started:.1f} s after the kill, "
-              f"Envoys healthy after {f.recovered - f.started:.1f} s")
+    f.note = (f"exited after {exited - f.started:.1f} s, serving health {serving - f.started:.1f} s after the "
+              f"signal, Envoys healthy after {f.recovered - f.started:.1f} s")
     return f
 
 
@@ -346,7 +350,7 @@ class Load:
 
 # --- the run and the report -------------------------------------------------------------------
 
-FAULTS = ("pod-kill", "metrics-hang", "epp-kill", "envoy-restart-failclose", "envoy-restart-failopen")
+FAULTS = ("pod-kill", "metrics-hang", "epp-kill", "epp-term", "envoy-restart-failclose", "envoy-restart-failopen")
 
 
 def schedule(gw: Gateway, only: set[str]) -> list[tuple[str, Callable[[list[Outcome]], Fault]]]:
@@ -354,7 +358,8 @@ def schedule(gw: Gateway, only: set[str]) -> list[tuple[str, Callable[[list[Outc
     steps = [
         (f"pod-kill {a.name}", lambda o: pod_kill(gw, o, a)),
         (f"metrics-hang+garbage {b.name}", lambda o: metrics_hang(gw, o, b)),
-        ("epp-kill", lambda o: epp_kill(gw, o)),
+        ("epp-kill", lambda o: epp_restart(gw, o, signal.SIGKILL)),
+        ("epp-term", lambda o: epp_restart(gw, o, signal.SIGTERM)),
         ("envoy-restart FailClose", lambda o: envoy_restart(gw, o, "FailClose")),
         ("envoy-restart FailOpen", lambda o: envoy_restart(gw, o, "FailOpen")),
     ]
@@ -403,9 +408,9 @@ def report(outcomes: list[Outcome], faults: list[Fault], elapsed: float, args: a
         f"{'' if args.faults == ','.join(FAULTS) else ' --faults ' + args.faults}`: "
         f"{len(outcomes)} requests in {elapsed:.0f} s, half through the FailClose Envoy, half through FailOpen.",
         "",
-        "| fault | window | requests in window | failed (FailClose) | failed (FailOpen) | failures span | how "
-        "| recovery |",
-        "|---|---|---|---|---|---|---|---|",
+        "| fault | window | requests in window | served by the pod | failed (FailClose) | failed (FailOpen) "
+        "| failures span | how | recovery |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for f in faults:
         lo, hi = f.window
@@ -415,8 +420,10 @@ def report(outcomes: list[Outcome], faults: list[Fault], elapsed: float, args: a
                 if fs else "—")
         how = ", ".join(f"{n} {r}" for r, n in sorted(Counter(o.result for o in fs).items())) or "—"
         close = sum(o.envoy == "FailClose" for o in fs)
-        lines.append(f"| {f.name} | {hi - lo:.1f} s | {len(in_window)} | {close} | {len(fs) - close} | {span} | "
-                     f"{how} | {f.note} |")
+        served = (f"{sum(o.pod == f.pod for o in in_window)} (of {sum(o.pod == f.pod for o in outcomes)})"
+                  if f.pod else "—")
+        lines.append(f"| {f.name} | {hi - lo:.1f} s | {len(in_window)} | {served} | {close} | {len(fs) - close} | "
+                     f"{span} | {how} | {f.note} |")
     statuses = Counter(o.result for o in outcomes)
     lost = statuses.get("lost", 0)
     lines += [
@@ -431,7 +438,8 @@ def report(outcomes: list[Outcome], faults: list[Fault], elapsed: float, args: a
         f"{statuses.get('reset', 0)}",
         f"- **lost** (no answer within {CLIENT_TIMEOUT:g} s): **{lost}**",
         "",
-        "\"failures span\" is when the fault's failed requests were sent, from the start of its window.",
+        "\"failures span\" is when the fault's failed requests were sent, from the start of its window; "
+        "\"served by the pod\" counts the answers that pod gave in the window (and in the whole run).",
         "",
         "What the failed requests got, by fault (each distinct answer once):",
         "",
