@@ -146,7 +146,7 @@ class EppRouter(Router):
         args = [sys.executable, "-m", "epp", "serve", "--endpoints", ",".join(self.pods), "--pool-file", str(pool),
                 "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
                 "--metrics-port", str(metrics_port), "--http-pick-port", str(pick_port),
-                "--bind-address", "127.0.0.1", "--seed", "1"]
+                "--bind-address", "127.0.0.1", "--seed", "1", "--drain-timeout=0s", "--explain-port", "0"]
         if self.config:
             args += ["--config-text", self.config]
         log = open(self.logdir / "epp.log", "ab")  # noqa: SIM115 - lives as long as the process

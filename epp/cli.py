@@ -152,6 +152,9 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("requests")
     g.add_argument("--max-request-body-bytes", type=int, default=16 << 20,
                    help="larger request bodies get 400 (default 16 MiB)")
+    g.add_argument("--explain-port", type=int, default=9005,
+                   help="the explain API (`epp explain`), on 127.0.0.1 only: it shows every pod's load and what "
+                        "their caches hold (default 9005; 0: off)")
     g.add_argument("--explain-headers", action="store_true",
                    help="set x-epp-endpoint and x-epp-explain (scores) on the routed request; the shipped "
                         "Envoy config copies them onto the response: for debugging")
@@ -193,14 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the ext_proc server")
     _serve_parser(serve)
     ex = sub.add_parser("explain", help="ask a running epp where a request would go, and why (sends nothing)")
-    ex.add_argument("--server", default="localhost:9002", help="epp's ext_proc gRPC address (localhost:9002)")
+    ex.add_argument("--server", default="localhost:9005",
+                    help="epp's explain port (localhost:9005; in a cluster: kubectl port-forward to it, or exec)")
     ex.add_argument("--path", default="/v1/completions", help="request path (/v1/completions)")
     ex.add_argument("-H", "--header", action="append", default=[], metavar="NAME: VALUE",
                     help="a request header, e.g. 'x-gateway-inference-objective: batch'")
     ex.add_argument("--subset", action="append", default=[], metavar="IP:PORT", help="restrict to these endpoints")
     ex.add_argument("--json", action="store_true", help="print the raw response as JSON")
-    ex.add_argument("--plaintext", action="store_true", help="epp serves without TLS (--secure-serving=false)")
-    ex.add_argument("--ca-file", help="verify epp's certificate against this CA (default: trust what it presents)")
     ex.add_argument("--timeout", type=_duration, default=5.0)
     ex.add_argument("body", help="the JSON request body, @FILE to read it from a file, or - for stdin")
     demo = sub.add_parser("demo", help="Envoy + epp + three simulated model servers, a few requests")
@@ -252,6 +254,7 @@ def _options(args: argparse.Namespace):
         config_text=args.config_text,
         max_body_bytes=args.max_request_body_bytes,
         explain_headers=args.explain_headers,
+        explain_port=args.explain_port,
         observer_grace=args.response_observer_grace,
         grace_period=args.grace_period,
         drain_timeout=args.drain_timeout,
@@ -302,7 +305,7 @@ def _explain(args: argparse.Namespace) -> int:
         headers[name.strip().lower()] = value.strip()
     try:
         resp = explain.query(args.server, body, path=args.path, headers=headers, subset=args.subset,
-                             timeout=args.timeout, tls=not args.plaintext, ca_file=args.ca_file)
+                             timeout=args.timeout)
     except OSError as e:
         print(f"epp explain: {args.server}: {e}", file=sys.stderr)
         return 1

@@ -69,7 +69,7 @@ class EnvoyOptions:
     failure_mode_allow: bool = False
     # epp's ext_proc port speaks TLS (epp's default, --secure-serving); False for --secure-serving=false.
     extproc_tls: bool = True
-    # Extra HTTP filters placed before ext_proc (tests use them to set a subset hint).
+    # Extra HTTP filters placed before epp's (tests use them to set a subset hint, as a gateway would).
     filters_before_ext_proc: list[dict[str, Any]] = field(default_factory=list)
     response_headers_to_add: dict[str, str] = field(default_factory=dict)
     # A file access log of every request, in this format (Envoy's command operators); "" = none.
@@ -92,7 +92,7 @@ def render(opts: EnvoyOptions) -> dict[str, Any]:
         authz = next(f for f in filters if f["name"] == "envoy.filters.http.ext_authz")
         authz["typed_config"]["failure_mode_allow"] = opts.failure_mode_allow
         if opts.filters_before_ext_proc:
-            filters[filters.index(authz):filters.index(authz)] = opts.filters_before_ext_proc
+            filters[0:0] = opts.filters_before_ext_proc  # the gateway's own filters come first
         return cfg
     filters = hcm["http_filters"]
     ext = next(f for f in filters if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]

@@ -1,13 +1,13 @@
 """The explain API: why a request would go where it goes, without sending it.
 
-The server side answers epp.explain.v1.Explain on the ext_proc port; `epp explain`
-is its client and prints a table (or JSON) of every candidate with each scorer's
-score, the weighted total and the pick.
+The server side answers epp.explain.v1.Explain on its own port, bound to 127.0.0.1
+(`--explain-port`): what it tells (every pod's load, whether a prompt's prefix is
+cached somewhere) is for an operator inside the pod, never for a client of the
+gateway. `epp explain` is its client and prints a table (or JSON) of every candidate
+with each scorer's score, the weighted total and the pick.
 """
 
 from __future__ import annotations
-
-import ssl
 
 import grpc
 from google.protobuf import json_format
@@ -82,27 +82,12 @@ def _set_error(out: pb.ExplainResponse, e: errors.EppError) -> None:
     out.error.message, out.error.reason = e.message, e.reason or ""
 
 
-def channel(server: str, *, tls: bool = True, ca_file: str | None = None, timeout: float = 5.0) -> grpc.Channel:
-    """A blocking channel to epp's ext_proc port. With TLS and no CA file, the certificate the server
-    presents is trusted as it is (epp's default certificate is self-signed): this checks encryption,
-    not identity; give `ca_file` to verify the server."""
-    if not tls:
-        return grpc.insecure_channel(server)
-    if ca_file:
-        with open(ca_file, "rb") as f:
-            return grpc.secure_channel(server, grpc.ssl_channel_credentials(root_certificates=f.read()))
-    host, _, port = server.rpartition(":")
-    pem = ssl.get_server_certificate((host.strip("[]") or "localhost", int(port)), timeout=timeout)
-    creds = grpc.ssl_channel_credentials(root_certificates=pem.encode())
-    return grpc.secure_channel(server, creds, options=[("grpc.ssl_target_name_override", "localhost")])
-
-
 def query(
     server: str, body: bytes, *, path: str = "/v1/completions", headers: dict[str, str] | None = None,
-    subset: list[str] | None = None, timeout: float = 5.0, tls: bool = True, ca_file: str | None = None,
+    subset: list[str] | None = None, timeout: float = 5.0,
 ) -> pb.ExplainResponse:
-    """Ask a running epp to explain a request (blocking client, for the CLI and scripts)."""
-    with channel(server, tls=tls, ca_file=ca_file, timeout=timeout) as channel_:
+    """Ask a running epp (its explain port) to explain a request: a blocking client, for the CLI and scripts."""
+    with grpc.insecure_channel(server) as channel_:
         stub = pb_grpc.ExplainStub(channel_)
         request = pb.ExplainRequest(path=path, headers=headers or {}, body=body, subset=subset or [])
         return stub.Explain(request, timeout=timeout)

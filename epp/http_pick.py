@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Mapping
 
+import orjson
 from aiohttp import web
 
 from epp import errors
@@ -33,12 +34,40 @@ log = logging.getLogger(__name__)
 PATH_PREFIX = "/pick"  # ext_authz's path_prefix: /pick/v1/completions asks about /v1/completions
 HEALTH_PATH = "/healthz"
 _JSON = {"content-type": "application/json"}
+# Envoy lets a request's headers reach 60 KiB (max_request_headers_kb) and passes them on to ext_authz:
+# one header line may be that long here too (aiohttp's own limit is 8 KiB).
+MAX_HEADER_BYTES = 64 << 10
+
+
+class _NoRequestBytes(logging.Filter):
+    """aiohttp logs a request it cannot parse with the bytes it read (an Authorization header's token,
+    say); keep the kind of error and drop the bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = "bad HTTP request on the pick port: %s"
+            record.args = (type(record.exc_info[1]).__name__,)
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_NoRequestBytes())
 
 
 def _subset(headers: Mapping[str, str]) -> list[str] | None:
-    hint = headers.get(SUBSET_KEY)
-    if hint is None:
+    """The gateway's subset hint, which the shipped layout copies from filter metadata into this header:
+    a comma-separated list, or a JSON list when the metadata value was a list. Absent or empty: none."""
+    hint = headers.get(SUBSET_KEY, "").strip()
+    if not hint:
         return None
+    if hint.startswith("["):
+        try:
+            values = orjson.loads(hint)
+        except orjson.JSONDecodeError:
+            values = None
+        if isinstance(values, list):
+            return [str(v).strip() for v in values if str(v).strip()]
     return [s.strip() for s in hint.split(",") if s.strip()]
 
 
@@ -64,7 +93,8 @@ class HttpPick:
 
     async def start(self, host: str, port: int) -> None:
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
-                                     shutdown_timeout=self.grace_period)
+                                     shutdown_timeout=self.grace_period,
+                                     max_line_size=MAX_HEADER_BYTES, max_field_size=MAX_HEADER_BYTES)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port, reuse_address=True).start()
 

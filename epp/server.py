@@ -115,6 +115,9 @@ class ServeOptions:
     # On SIGTERM: not ready (and the Lease released) at once, ext_proc still served this long.
     drain_timeout: float = 0.0
     explain_headers: bool = False
+    # The explain API (every candidate's scores, the prefix cache's view): on 127.0.0.1 only, so only a
+    # caller inside the pod (kubectl exec / port-forward) can ask. 0: off.
+    explain_port: int = 0
     observer_grace: float = 2.0
     grace_period: float = 30.0
     seed: int | None = None
@@ -307,7 +310,6 @@ class EppServer:
         main = grpc.aio.server(options=grpc_options)
         main.add_generic_rpc_handlers((self.processor.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
-        explain_pb2_grpc.add_ExplainServicer_to_server(ExplainService(self.director), main)
         self._bind(main, opts.grpc_port, self.tls.credentials if self.tls else None)
         self._servers.append(main)
         if opts.grpc_health_port and opts.grpc_health_port != opts.grpc_port:
@@ -316,6 +318,12 @@ class EppServer:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, hs)
             self._bind(hs, opts.grpc_health_port, None)
             self._servers.append(hs)
+        if opts.explain_port:
+            explain = grpc.aio.server()
+            explain_pb2_grpc.add_ExplainServicer_to_server(ExplainService(self.director), explain)
+            if explain.add_insecure_port(f"127.0.0.1:{opts.explain_port}") == 0:
+                raise OSError(f"cannot listen on 127.0.0.1:{opts.explain_port} (--explain-port)")
+            self._servers.append(explain)
         if opts.metrics_port:
             await self._start_metrics()
         for name in READINESS_SERVICES:

@@ -66,12 +66,12 @@ class Stack:
         self.opts = opts or StackOptions()
         n = self.opts.servers
         if self.opts.base_port:
-            ports = list(range(self.opts.base_port, self.opts.base_port + n + 6))
+            ports = list(range(self.opts.base_port, self.opts.base_port + n + 7))
         else:
-            ports = free_ports(n + 6)
+            ports = free_ports(n + 7)
         self.sim_ports = ports[:n]
         (self.grpc_port, self.health_port, self.metrics_port, self.listen_port, self.admin_port,
-         self.http_pick_port) = ports[n:]
+         self.http_pick_port, self.explain_port) = ports[n:]
         self.procs: list[subprocess.Popen[bytes]] = []
         self.envoy: EnvoyProcess | None = None
         self._logdir = tempfile.TemporaryDirectory(prefix="epp-stack-")
@@ -117,6 +117,7 @@ class Stack:
             "--endpoints", ",".join(self.endpoints),
             "--grpc-port", str(self.grpc_port), "--grpc-health-port", str(self.health_port),
             "--metrics-port", str(self.metrics_port), "--http-pick-port", str(self.http_pick_port),
+            "--explain-port", str(self.explain_port),
             "--bind-address", "127.0.0.1", "--drain-timeout=0s", *([] if self.opts.tls else ["--secure-serving=false"]),
             *self.opts.epp_args, *(extra or []),
         ])

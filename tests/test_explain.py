@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import orjson
 import pytest
 
@@ -28,12 +29,12 @@ async def epp(start_epp: StartEpp) -> EppServer:
 
     It serves TLS with its self-signed certificate, as `epp serve` does by default: explain's client
     speaks TLS too."""
-    server = await start_epp(config_text=LOAD_PROFILE, secure_serving=True)
+    server = await start_epp(config_text=LOAD_PROFILE, secure_serving=True, explain_port=free_ports(1)[0])
     # This module sets each endpoint's metrics itself (set_load); a scrape of the absent servers
     # would forget them (a refused connection means a server is down).
     server.scraper.stop()
     server.datastore.objectives = {"batch": -1}
-    server.addr = f"127.0.0.1:{server.opts.grpc_port}"  # type: ignore[attr-defined]
+    server.addr = f"127.0.0.1:{server.opts.explain_port}"  # type: ignore[attr-defined]
     return server
 
 
@@ -111,10 +112,18 @@ def test_cli_reports_an_unreachable_server(capsys: pytest.CaptureFixture[str]) -
     port = free_ports(1)[0]
     rc = cli.main(["explain", "--server", f"127.0.0.1:{port}", "--timeout", "1s", "{}"])
     assert rc == 1
-    assert "Connection refused" in capsys.readouterr().err
-    rc = cli.main(["explain", "--plaintext", "--server", f"127.0.0.1:{port}", "--timeout", "1s", "{}"])
-    assert rc == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+async def test_explain_is_not_served_on_the_ext_proc_port(start_epp: StartEpp) -> None:
+    """It tells any caller whether a prompt's prefix is cached somewhere, and every pod's load: only on
+    127.0.0.1, on its own port, never on the port the gateway (and whoever reaches it) talks to."""
+    server = await start_epp(explain_port=free_ports(1)[0])
+    with pytest.raises(grpc.RpcError) as e:
+        await asyncio.to_thread(explain.query, f"127.0.0.1:{server.opts.grpc_port}", body())
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    ok = await asyncio.to_thread(explain.query, f"127.0.0.1:{server.opts.explain_port}", body())
+    assert len(ok.candidates) == 3
 
 
 def test_generated_modules_match_the_proto(tmp_path: Path) -> None:

@@ -30,16 +30,6 @@ SUBSET_FILTER = {
             "type": "STRING"}}],
     },
 }
-# The HTTP pick reads the hint from a header instead; set it only when the test's header is there.
-SUBSET_HEADER_FILTER = {
-    "name": "envoy.filters.http.header_mutation",
-    "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-        "mutations": {"request_mutations": [{"append": {
-            "header": {"key": "x-gateway-destination-endpoint-subset", "value": "%REQ(x-test-subset)%"},
-            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD", "keep_empty_value": False}}]},
-    },
-}
 ECHO = {"x-test-lb-metadata": "%DYNAMIC_METADATA(envoy.lb:x-gateway-destination-endpoint)%"}
 EPP_ARGS = ["--explain-headers", "--seed", "5", "--max-request-body-bytes", "65536",
             "--refresh-metrics-interval", "20ms"]
@@ -52,7 +42,7 @@ def _stack(layout: str) -> Stack:
     if layout == HTTP_PICK:
         return Stack(StackOptions(
             servers=3, epp_args=EPP_ARGS, sim_args=["--time-scale", "0.3"],
-            envoy=EnvoyOptions(0, 0, 0, layout=HTTP_PICK, filters_before_ext_proc=[SUBSET_HEADER_FILTER],
+            envoy=EnvoyOptions(0, 0, 0, layout=HTTP_PICK, filters_before_ext_proc=[SUBSET_FILTER],
                                response_headers_to_add=ECHO),
         ))
     mode, response_path = layout.split("/")
@@ -168,6 +158,15 @@ def test_subset_hint_and_empty_subset(client: httpx.Client, stack: Stack) -> Non
     r = client.post("/v1/completions", json=completion("nowhere"), headers={"x-test-subset": "10.1.2.3:8000"})
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "no_endpoint"
+    # A client cannot pin its pod by sending the hint's header itself, in either layout.
+    pinned = stack.endpoints[2]
+    picks = set()
+    for i in range(12):
+        r = client.post("/v1/completions", json=completion(f"pin {i} " * 20),
+                        headers={"x-gateway-destination-endpoint-subset": pinned})
+        assert r.status_code == 200
+        picks.add(r.headers["x-epp-endpoint"])
+    assert picks != {pinned}
 
 
 def test_shared_prefix_requests_land_on_the_same_pod(client: httpx.Client) -> None:

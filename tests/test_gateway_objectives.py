@@ -100,7 +100,7 @@ def test_sheddable_requests_get_429_only_while_the_pool_is_saturated(stack: Stac
             for _ in range(4)]
     for t in hogs:
         t.start()
-    server = f"127.0.0.1:{stack.grpc_port}"
+    server = f"127.0.0.1:{stack.explain_port}"
     req = b'{"model": "%s", "prompt": "x"}' % BASE.encode()
     wait_until(lambda: explain.query(server, req).pool_saturated, 20, "the pool to saturate")
 

@@ -78,3 +78,27 @@ async def test_health_is_ok_only_once_the_pool_is_known(epp: EppServer, start_ep
     blind = await start_epp(endpoints=0, http_pick=True, pool_name="absent", pool_namespace="prod",
                             kubeconfig=cluster.kubeconfig)
     assert (await blind.http.get("/healthz")).status_code == 503
+
+
+async def test_a_large_header_is_taken_as_envoy_passes_it(epp: EppServer) -> None:
+    """Envoy allows 60 KiB of headers and ext_authz passes Authorization on: a 9 KB bearer token is routine."""
+    token = "Bearer " + "t" * 9000
+    r = await epp.http.post("/pick/v1/completions", content=completion(),
+                            headers={"content-type": "application/json", "authorization": token})
+    assert r.status_code == 200
+    assert r.headers["x-gateway-destination-endpoint"] in epp.opts.endpoints
+
+
+async def test_an_unparsable_request_never_logs_its_bytes(epp: EppServer, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    secret = "sk-" + "s" * 70_000  # past even the raised limit
+    reader, writer = await asyncio.open_connection("127.0.0.1", epp.opts.http_pick_port)
+    writer.write(f"POST /pick/v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n\r\n".encode())
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status.split()[1] == b"400"
+    assert "sss" not in caplog.text

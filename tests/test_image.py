@@ -78,15 +78,16 @@ class EppPorts:
     health: int
     metrics: int
     http_pick: int
+    explain: int
 
     @classmethod
     def free(cls) -> EppPorts:
-        return cls(*free_ports(4))
+        return cls(*free_ports(5))
 
     def flags(self) -> list[str]:
         return ["--grpc-port", str(self.grpc), "--grpc-health-port", str(self.health),
                 "--metrics-port", str(self.metrics), "--http-pick-port", str(self.http_pick),
-                "--bind-address", "127.0.0.1"]
+                "--explain-port", str(self.explain), "--bind-address", "127.0.0.1"]
 
 
 @dataclass
