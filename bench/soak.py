@@ -13,6 +13,7 @@ On a schedule spread over `--duration`, each fault runs once, with quiet time be
   out-of-range gauges, unparsable text, random bytes, in turn), then heals;
 - epp-kill, epp-term: SIGKILL epp (a crash), or SIGTERM it (a rollout: it drains, then exits), and start
   it again at once;
+- epp-freeze: SIGSTOP epp for 5 s, then SIGCONT (a stalled process);
 - envoy-restart (FailClose, then FailOpen): stop that Envoy and start it again.
 
 A fault's window runs from its start until the gateway has recovered from it (the pod serves
@@ -192,6 +193,9 @@ class Gateway:
         for envoy in self.envoys.values():
             envoy.stop()
         procs = [p.proc for p in self.pods if p.proc is not None] + ([self.epp] if self.epp else [])
+        if self.epp is not None and self.epp.poll() is None:
+            self.epp.send_signal(signal.SIGCONT)  # were it stopped
+            self.epp.kill()  # the run is over: no drain to wait for
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -280,6 +284,21 @@ def epp_restart(gw: Gateway, outcomes: list[Outcome], sig: signal.Signals) -> Fa
     return f
 
 
+def epp_freeze(gw: Gateway, outcomes: list[Outcome], seconds: float = 5.0) -> Fault:
+    """SIGSTOP epp for a while (a stalled process: CPU starvation, a debugger, a hung node), then SIGCONT."""
+    f = Fault("epp-freeze")
+    f.started = time.monotonic()
+    assert gw.epp is not None
+    gw.epp.send_signal(signal.SIGSTOP)
+    time.sleep(seconds)
+    gw.epp.send_signal(signal.SIGCONT)
+    for envoy in gw.envoys.values():
+        envoy.wait_ready(30)
+    f.recovered = time.monotonic()
+    f.note = f"stopped {seconds:g} s; Envoys healthy {f.recovered - f.started - seconds:.1f} s after it resumed"
+    return f
+
+
 def envoy_restart(gw: Gateway, outcomes: list[Outcome], name: str) -> Fault:
     f = Fault(f"envoy-restart {name}")
     f.started = time.monotonic()
@@ -350,7 +369,8 @@ class Load:
 
 # --- the run and the report -------------------------------------------------------------------
 
-FAULTS = ("pod-kill", "metrics-hang", "epp-kill", "epp-term", "envoy-restart-failclose", "envoy-restart-failopen")
+FAULTS = ("pod-kill", "metrics-hang", "epp-kill", "epp-term", "epp-freeze", "envoy-restart-failclose",
+          "envoy-restart-failopen")
 
 
 def schedule(gw: Gateway, only: set[str]) -> list[tuple[str, Callable[[list[Outcome]], Fault]]]:
@@ -360,6 +380,7 @@ def schedule(gw: Gateway, only: set[str]) -> list[tuple[str, Callable[[list[Outc
         (f"metrics-hang+garbage {b.name}", lambda o: metrics_hang(gw, o, b)),
         ("epp-kill", lambda o: epp_restart(gw, o, signal.SIGKILL)),
         ("epp-term", lambda o: epp_restart(gw, o, signal.SIGTERM)),
+        ("epp-freeze", lambda o: epp_freeze(gw, o)),
         ("envoy-restart FailClose", lambda o: envoy_restart(gw, o, "FailClose")),
         ("envoy-restart FailOpen", lambda o: envoy_restart(gw, o, "FailOpen")),
     ]
@@ -388,6 +409,10 @@ async def soak(gw: Gateway, duration: float, rate: float, only: set[str]) -> tup
     return load.outcomes, faults, time.monotonic() - start
 
 
+def pct(xs: list[float], p: float) -> float:
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else 0.0
+
+
 def attribute(o: Outcome, faults: list[Fault]) -> Fault | None:
     for f in faults:
         lo, hi = f.window
@@ -408,9 +433,9 @@ def report(outcomes: list[Outcome], faults: list[Fault], elapsed: float, args: a
         f"{'' if args.faults == ','.join(FAULTS) else ' --faults ' + args.faults}`: "
         f"{len(outcomes)} requests in {elapsed:.0f} s, half through the FailClose Envoy, half through FailOpen.",
         "",
-        "| fault | window | requests in window | served by the pod | failed (FailClose) | failed (FailOpen) "
-        "| failures span | how | recovery |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| fault | window | requests in window | slowest answer | served by the pod | failed (FailClose) "
+        "| failed (FailOpen) | failures span | how | recovery |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in faults:
         lo, hi = f.window
@@ -422,12 +447,16 @@ def report(outcomes: list[Outcome], faults: list[Fault], elapsed: float, args: a
         close = sum(o.envoy == "FailClose" for o in fs)
         served = (f"{sum(o.pod == f.pod for o in in_window)} (of {sum(o.pod == f.pod for o in outcomes)})"
                   if f.pod else "—")
-        lines.append(f"| {f.name} | {hi - lo:.1f} s | {len(in_window)} | {served} | {close} | {len(fs) - close} | "
-                     f"{span} | {how} | {f.note} |")
+        slowest = max((o.done_at - o.sent_at for o in in_window), default=0.0)
+        lines.append(f"| {f.name} | {hi - lo:.1f} s | {len(in_window)} | {slowest:.2f} s | {served} | {close} | "
+                     f"{len(fs) - close} | {span} | {how} | {f.note} |")
     statuses = Counter(o.result for o in outcomes)
     lost = statuses.get("lost", 0)
+    quiet = sorted(o.done_at - o.sent_at for o in outcomes if o.result == "200" and attribute(o, faults) is None)
     lines += [
         "",
+        f"- outside the fault windows: p50 {pct(quiet, 50) * 1000:.0f} ms, p99 {pct(quiet, 99) * 1000:.0f} ms, "
+        f"slowest {quiet[-1] if quiet else 0:.2f} s",
         f"- sent: {len(outcomes)}; answered by status: "
         + ", ".join(f"{r}: {n}" for r, n in sorted(statuses.items()) if r.isdigit()),
         f"- failed because of a fault: {sum(len(v) for v in by_fault.values())}; failed outside any fault window: "
