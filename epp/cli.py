@@ -149,6 +149,8 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config-file", type=_text, help="EndpointPickerConfig YAML (GIE format)")
     g.add_argument("--config-text", type=_text, help="EndpointPickerConfig YAML given inline")
     g.add_argument("--seed", type=int, default=None, help="seed tie-breaking randomness (tests, benchmarks)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="load and check the configuration, print the resolved profile, and exit (no ports opened)")
     g = p.add_argument_group("requests")
     g.add_argument("--max-request-body-bytes", type=int, default=16 << 20,
                    help="larger request bodies get 400 (default 16 MiB)")
@@ -205,11 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--json", action="store_true", help="print the raw response as JSON")
     ex.add_argument("--timeout", type=_duration, default=5.0)
     ex.add_argument("body", help="the JSON request body, @FILE to read it from a file, or - for stdin")
+    check = sub.add_parser("check-config", help="load and check an EndpointPickerConfig, print what it resolves to")
+    check.add_argument("file", help="the EndpointPickerConfig YAML")
     demo = sub.add_parser("demo", help="Envoy + epp + three simulated model servers, a few requests")
     demo.add_argument("--keep", action="store_true", help="stay up after the requests (Ctrl-C to stop)")
     demo.add_argument("--base-port", type=int, default=18000, help="first of the loopback ports used")
     demo.add_argument("--layout", choices=("ext-proc", "http-pick"), default="ext-proc",
                       help="Envoy's layout: the pick over ext_proc, or over HTTP through ext_authz")
+    demo.add_argument("--rollout", action="store_true",
+                      help="a node-update rollout through epp gateway: the split moving live, and a rollback")
+    from epp.gateway import cli as gateway_cli
+
+    gateway_cli.add_parsers(sub)
     return p
 
 
@@ -316,6 +325,34 @@ def _explain(args: argparse.Namespace) -> int:
     return 1 if resp.HasField("error") else 0
 
 
+def _check_config(path: str) -> int:
+    from epp.scheduling import picker_config
+
+    try:
+        config = picker_config.load_file(path)  # as `epp serve` loads it
+    except ConfigError as e:
+        print(f"epp check-config: {e}", file=sys.stderr)
+        return 1
+    print(picker_config.describe(config))
+    return 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """`serve --dry-run`: what serve would load (config, metric names), checked, printed; nothing bound."""
+    from epp.scheduling import picker_config
+    from epp.server import engine_mapper, load_picker_config
+
+    try:
+        opts = _options(args)
+        config = load_picker_config(opts)
+        engine_mapper(opts)
+    except (ConfigError, ValueError) as e:
+        print(f"epp: {e}", file=sys.stderr)
+        return 1
+    print(picker_config.describe(config))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
@@ -326,10 +363,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "explain":
         return _explain(args)
+    if args.command == "check-config":
+        return _check_config(args.file)
+    from epp.gateway import cli as gateway_cli
+
+    if args.command in gateway_cli.COMMANDS:
+        return gateway_cli.run(args)
     if args.command == "demo":
         from epp.demo import run_demo
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        if args.rollout:
+            from epp.gateway.demo import run_rollout_demo
+
+            return run_rollout_demo(keep=args.keep, base_port=args.base_port)
         return run_demo(keep=args.keep, base_port=args.base_port, layout=args.layout)
     level = logging.DEBUG if args.verbosity >= 4 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -344,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not args.secure_serving and (args.cert_path or args.enable_cert_reload):
         log.warning("--cert-path and --enable-cert-reload have no effect with --secure-serving=false")
+    if args.dry_run:
+        return _dry_run(args)
     try:
         opts = _options(args)
         import uvloop

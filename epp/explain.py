@@ -29,7 +29,7 @@ class ExplainService(pb_grpc.ExplainServicer):
 
 def explain(director: Director, request: pb.ExplainRequest) -> pb.ExplainResponse:
     headers = {k.lower(): v for k, v in request.headers.items()}
-    req = new_request(request.path or "/v1/completions", headers)
+    req = new_request(request.path or "/v1/completions", headers, director.config.parsers)
     out = pb.ExplainResponse()
     try:
         parse_body(req, request.body)

@@ -113,7 +113,8 @@ class HttpPick:
         received_at = time.monotonic()
         xs = self.exchanges
         headers = request.headers
-        req = new_request(request.raw_path[len(PATH_PREFIX):] or "/", headers)  # type: ignore[arg-type]
+        path = request.raw_path[len(PATH_PREFIX):] or "/"
+        req = new_request(path, headers, xs.director.config.parsers)  # type: ignore[arg-type]
         try:
             if request.content_length and request.content_length > self.max_body_bytes:
                 raise self._too_large()

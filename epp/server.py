@@ -43,7 +43,7 @@ from epp.http_pick import HttpPick
 from epp.metrics import EppMetrics
 from epp.metrics_endpoint import MetricsEndpoint
 from epp.rewrites import ModelRewrites
-from epp.scheduling import picker_config
+from epp.scheduling import datalayer_config, picker_config
 from epp.scheduling.framework import PrefixIndexHolder
 
 if TYPE_CHECKING:
@@ -190,7 +190,8 @@ class EppServer:
         # Fail at start-up, before binding anything, on any configuration problem.
         _check_pool_source(opts)
         self.picker_config = load_picker_config(opts)
-        self.engines = engine_mapper(opts)
+        self.data_layer = self.picker_config.data_layer
+        self.engines = datalayer_config.engine_mappings(self.data_layer, engine_mapper(opts))
         self.tls = (tls.serving_tls(opts.cert_path, reload=opts.enable_cert_reload, min_version=opts.tls_min_version)
                     if opts.secure_serving else None)
         self.datastore = Datastore(staleness=opts.metrics_staleness_threshold)
@@ -206,15 +207,26 @@ class EppServer:
                      grace_period=opts.grace_period)
             if opts.http_pick_port else None
         )
+        # The config's metrics-data-source settings over the flags' (as upstream: config, flag, default).
+        scrape = datalayer_config.scrape_settings(
+            self.data_layer, scheme=opts.model_server_metrics_scheme, path=opts.model_server_metrics_path,
+            insecure_skip_verify=opts.model_server_metrics_insecure_skip_verify,
+            refresh_interval=opts.refresh_metrics_interval)
+        self.scrape = scrape
         self.scraper = MetricsScraper(
             self.datastore,
             self._mapping_for,
-            interval=opts.refresh_metrics_interval,
+            interval=scrape.interval,
             timeout=opts.metrics_scrape_timeout,
-            path=opts.model_server_metrics_path,
-            scheme=opts.model_server_metrics_scheme,
-            verify_tls=not opts.model_server_metrics_insecure_skip_verify,
+            path=scrape.path,
+            scheme=scrape.scheme,
+            verify_tls=scrape.verify_tls,
+            ca_cert_path=scrape.ca_cert_path,
+            client_cert=(scrape.client_cert_path, scrape.client_key_path)
+            if scrape.client_cert_path and scrape.client_key_path else None,
         )
+        if scrape.port is not None and opts.model_server_metrics_port is None:
+            opts.model_server_metrics_port = scrape.port
         self.metrics_ssl = _metrics_ssl(opts.metrics_cert_dir, opts.metrics_client_ca_file)
         self.health = health_aio.HealthServicer()
         self.metrics_endpoint: MetricsEndpoint | None = None
@@ -296,7 +308,7 @@ class EppServer:
                 self.initial_endpoints = snap.endpoints
 
     def _mapping_for(self, ep: Endpoint) -> engines.EngineMapping:
-        engine = ep.labels.get(engines.ENGINE_LABEL, self.opts.engine_type)
+        engine = datalayer_config.engine_of(ep.labels, self.data_layer, self.opts.engine_type)
         return self.engines.get(engine, self.engines[self.opts.engine_type])
 
     # --- serving -----------------------------------------------------------------------------
@@ -333,7 +345,8 @@ class EppServer:
             await s.start()
         if self.http_pick is not None:
             await self.http_pick.start(opts.bind_address, opts.http_pick_port)
-        self.scraper.start()
+        if self.scrape.scrape:
+            self.scraper.start()
         if self.initial_endpoints or self.pool_file is not None or opts.endpoints:
             self.datastore.set_endpoints(self.initial_endpoints)
         self._started = True

@@ -140,3 +140,25 @@ def test_quoted_values_as_the_upstream_chart_renders_them() -> None:
 def test_tls_cipher_suites_are_refused_with_the_way_to_set_them(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--endpoints", "127.0.0.1:9", "--tls-cipher-suites", "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"]) == 1
     assert "GRPC_SSL_CIPHER_SUITES" in capsys.readouterr().err
+
+
+def test_check_config_prints_the_resolved_profile_or_the_error(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "epc.yaml"
+    good.write_text("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n"
+                    "- type: queue-scorer\n- type: max-score-picker\n")
+    assert cli.main(["check-config", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "queue-scorer" in out
+    assert "max-score-picker" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n- type: no-such-scorer\n")
+    assert cli.main(["check-config", str(bad)]) == 1
+    assert "bad.yaml:4" in capsys.readouterr().err
+
+
+def test_dry_run_checks_without_binding(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_ports(1)[0]
+    assert cli.main(["--endpoints", "127.0.0.1:9", "--grpc-port", str(port), "--dry-run"]) == 0
+    assert "prefix-cache-scorer" in capsys.readouterr().out  # epp's default profile, resolved
+    assert cli.main(["--endpoints", "127.0.0.1:9", "--config-text", "plugins: 3", "--dry-run"]) == 1
+    assert "plugins" in capsys.readouterr().err

@@ -102,7 +102,7 @@ class PickStream:
             self.response_mode = msg.protocol_config.response_body_mode
         self.subset = subset_hint(msg)
         headers = headers_of(msg.request_headers)
-        self.req = new_request(headers.get(":path", "/"), headers)
+        self.req = new_request(headers.get(":path", "/"), headers, self.exchanges.director.config.parsers)
         if HANDOFF_HEADER in headers:
             handoff = self.handoffs.take(headers.get(EXCHANGE_HEADER))
             if handoff is not None and handoff.error is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from hypothesis import event, given
 from hypothesis import strategies as st
@@ -93,14 +92,8 @@ def test_any_message_sequence_is_answered_validly_and_releases_its_exchange(
     asyncio.run(drive(msgs, handoff))
 
 
-RUNNING_GAUGE_LEAK = (
-    "epp/metrics.py: EppMetrics.picked increments inference_objective_running_requests for every inference "
-    "path, but EppMetrics.finished decrements it only when req.parsed is set; a request routed on its "
-    "headers alone (end_of_stream on the headers of POST /v1/completions) leaves the gauge 1 higher for ever"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=RUNNING_GAUGE_LEAK)
 async def test_a_headers_only_inference_request_leaves_the_running_gauge_at_zero() -> None:
     msg = pb.ProcessingRequest(request_headers=pb.HttpHeaders(
         headers=header_map({":path": "/v1/completions", ":method": "POST"}, raw=True), end_of_stream=True))
@@ -108,7 +101,6 @@ async def test_a_headers_only_inference_request_leaves_the_running_gauge_at_zero
     assert running_requests(metrics) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=RUNNING_GAUGE_LEAK)
 @fuzz_settings(200)
 @given(msgs=message_sequence(POOL), handoff=HANDOFFS)
 def test_the_running_gauge_returns_to_zero_after_any_sequence(
