@@ -509,7 +509,8 @@ def main() -> None:
     text = report(outcomes, faults, elapsed, args)
     print(text)
     if args.out:
-        Path(args.out).write_text("# Fault-injection soak\n\n" + text + "\n")
+        Path(args.out).write_text("# Fault-injection soak\n\nMethod and faults: "
+                                  "[bench/README.md](../README.md#fault-injection-soak-benchsoak).\n\n" + text + "\n")
     lost = sum(o.result == "lost" for o in outcomes)
     sys.exit(1 if lost else 0)
 
