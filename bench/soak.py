@@ -9,6 +9,7 @@ bootstrap in front of it: one FailClose (the default) and one FailOpen
 On a schedule spread over `--duration`, each fault runs once, with quiet time between:
 
 - pod-kill: SIGKILL one pod's process; restart it 5 s later;
+- pod-freeze: SIGSTOP one pod's process for 5 s (a hung server), then SIGCONT;
 - metrics-hang: one pod's /metrics hangs for 8 s, then answers garbage for 8 s (NaN and
   out-of-range gauges, unparsable text, random bytes, in turn), then heals;
 - epp-kill, epp-term: SIGKILL epp (a crash), or SIGTERM it (a rollout: it drains, then exits), and start
@@ -249,6 +250,19 @@ def pod_kill(gw: Gateway, outcomes: list[Outcome], pod: Pod) -> Fault:
     return f
 
 
+def pod_freeze(gw: Gateway, outcomes: list[Outcome], pod: Pod, seconds: float = 5.0) -> Fault:
+    """SIGSTOP a pod's process (a hung server: it accepts connections and answers nothing), then SIGCONT."""
+    f = Fault(f"pod-freeze {pod.name}", pod.name)
+    f.started = time.monotonic()
+    assert pod.proc is not None
+    pod.proc.send_signal(signal.SIGSTOP)
+    time.sleep(seconds)
+    pod.proc.send_signal(signal.SIGCONT)
+    f.recovered = time.monotonic()
+    f.note = f"stopped {seconds:g} s"
+    return f
+
+
 def metrics_hang(gw: Gateway, outcomes: list[Outcome], pod: Pod) -> Fault:
     f = Fault(f"metrics-hang+garbage {pod.name}", pod.name)
     f.started = time.monotonic()
@@ -369,14 +383,15 @@ class Load:
 
 # --- the run and the report -------------------------------------------------------------------
 
-FAULTS = ("pod-kill", "metrics-hang", "epp-kill", "epp-term", "epp-freeze", "envoy-restart-failclose",
+FAULTS = ("pod-kill", "pod-freeze", "metrics-hang", "epp-kill", "epp-term", "epp-freeze", "envoy-restart-failclose",
           "envoy-restart-failopen")
 
 
 def schedule(gw: Gateway, only: set[str]) -> list[tuple[str, Callable[[list[Outcome]], Fault]]]:
-    a, b = gw.pods[0], gw.pods[min(1, len(gw.pods) - 1)]
+    a, b, c = gw.pods[0], gw.pods[min(1, len(gw.pods) - 1)], gw.pods[-1]
     steps = [
         (f"pod-kill {a.name}", lambda o: pod_kill(gw, o, a)),
+        (f"pod-freeze {c.name}", lambda o: pod_freeze(gw, o, c)),
         (f"metrics-hang+garbage {b.name}", lambda o: metrics_hang(gw, o, b)),
         ("epp-kill", lambda o: epp_restart(gw, o, signal.SIGKILL)),
         ("epp-term", lambda o: epp_restart(gw, o, signal.SIGTERM)),
@@ -445,8 +460,11 @@ def report(outcomes: list[Outcome], faults: list[Fault], elapsed: float, args: a
                 if fs else "—")
         how = ", ".join(f"{n} {r}" for r, n in sorted(Counter(o.result for o in fs).items())) or "—"
         close = sum(o.envoy == "FailClose" for o in fs)
-        served = (f"{sum(o.pod == f.pod for o in in_window)} (of {sum(o.pod == f.pod for o in outcomes)})"
-                  if f.pod else "—")
+        served = "—"
+        if f.pod:
+            during = [o.sent_at - lo for o in in_window if o.pod == f.pod and lo <= o.sent_at <= f.recovered]
+            served = (f"{sum(o.pod == f.pod for o in in_window)} (of {sum(o.pod == f.pod for o in outcomes)}); "
+                      + (f"picked until {max(during):+.1f} s" if during else "no pick during the fault"))
         slowest = max((o.done_at - o.sent_at for o in in_window), default=0.0)
         lines.append(f"| {f.name} | {hi - lo:.1f} s | {len(in_window)} | {slowest:.2f} s | {served} | {close} | "
                      f"{len(fs) - close} | {span} | {how} | {f.note} |")
@@ -468,7 +486,8 @@ def report(outcomes: list[Outcome], faults: list[Fault], elapsed: float, args: a
         f"- **lost** (no answer within {CLIENT_TIMEOUT:g} s): **{lost}**",
         "",
         "\"failures span\" is when the fault's failed requests were sent, from the start of its window; "
-        "\"served by the pod\" counts the answers that pod gave in the window (and in the whole run).",
+        "\"served by the pod\" counts the answers that pod gave in the window (and in the whole run), and when "
+        "the last request it answered was sent while the fault lasted.",
         "",
         "What the failed requests got, by fault (each distinct answer once):",
         "",
