@@ -179,9 +179,11 @@ def configure(*, encoder: str = "console", verbosity: int = DEFAULT_VERBOSITY, z
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level)
-    # Libraries log chatter at INFO (httpx: every scrape); epp reports state changes itself.
-    for noisy in ("httpx", "httpcore", "aiohttp.access", "asyncio"):
+    # epp's own loggers follow -v; libraries (grpc, asyncio, aiohttp) never log below info here, and
+    # their chatter at info (httpx: every scrape) is left out: epp reports state changes itself.
+    root.setLevel(max(level, logging.INFO))
+    logging.getLogger("epp").setLevel(level)
+    for noisy in ("httpx", "httpcore", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     return handler
 

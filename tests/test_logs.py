@@ -23,8 +23,8 @@ log = logging.getLogger("epp.test")
 @pytest.fixture
 def out() -> Iterator[io.StringIO]:
     """What epp writes to stderr, captured; logging restored afterwards."""
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
+    root, own = logging.getLogger(), logging.getLogger("epp")
+    saved = (list(root.handlers), root.level, own.level)
     buf = io.StringIO()
     yield buf
     for h in list(root.handlers):
@@ -32,6 +32,7 @@ def out() -> Iterator[io.StringIO]:
     for h in saved[0]:
         root.addHandler(h)
     root.setLevel(saved[1])
+    own.setLevel(saved[2])
 
 
 def lines(buf: io.StringIO) -> list[dict]:
@@ -132,6 +133,14 @@ def test_zap_log_level_overrides_v(out: io.StringIO, zap_level: str, expected: l
     assert [line["msg"] for line in lines(out)] == expected
 
 
+def test_libraries_debug_chatter_stays_out_at_debug_verbosity(out: io.StringIO) -> None:
+    logs.configure(encoder="json", verbosity=5, stream=out)
+    logging.getLogger("grpc._cython.cygrpc").debug("loaded running loop")
+    logging.getLogger("httpx").info("HTTP Request: GET /metrics")
+    logging.getLogger("aiohttp.server").warning("bad request line")
+    assert [line["msg"] for line in lines(out)] == ["bad request line"]
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"encoder": "xml"}, "--zap-encoder"),
     ({"zap_log_level": "loud"}, "--zap-log-level"),
@@ -157,6 +166,8 @@ def test_the_pick_is_logged_at_debug_and_the_prompt_only_at_trace(
         out: io.StringIO, verbosity: int, debug_line: bool, trace_line: bool) -> None:
     logs.configure(encoder="json", verbosity=verbosity, stream=out)
     req, decision = picked()
+    out.seek(0)
+    out.truncate()  # only the line below (the director may log its own pick)
     logs.log_pick(req, decision.result, waited=0.25)
     got = lines(out)
     picks = [line for line in got if line["msg"] == "request scheduled"]
