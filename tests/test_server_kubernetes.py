@@ -48,21 +48,21 @@ async def test_the_pool_from_the_api_routes_and_readiness_follows_it(start_epp: 
     for service in ("inference-extension", "readiness", "", "envoy.service.ext_proc.v3.ExternalProcessor"):
         assert await health(server, service) == NOT_SERVING, service
     cluster.pool()
-    cluster.pod("vllm-a", "127.0.10.1")
-    cluster.pod("vllm-b", "127.0.10.2")
-    cluster.pod("other", "127.0.10.9", app="not-this-pool")
+    cluster.pod("vllm-a", "127.0.77.1")
+    cluster.pod("vllm-b", "127.0.77.2")
+    cluster.pod("other", "127.0.77.9", app="not-this-pool")
     await until(lambda: len(server.datastore.ready_endpoints()) == 2, what="the pool's two pods")
     await until(lambda: server.ready, what="readiness")
     for service in ("inference-extension", "readiness", ""):
         assert await health(server, service) == SERVING, service
     seen = {picked(await pick(server)) for _ in range(6)}
-    assert seen <= {f"127.0.10.1:{PORT}", f"127.0.10.2:{PORT}"}
+    assert seen <= {f"127.0.77.1:{PORT}", f"127.0.77.2:{PORT}"}
     # A pod going unready, then a new one: picks follow.
-    cluster.pod("vllm-a", "127.0.10.1", ready=False)
-    cluster.pod("vllm-c", "127.0.10.3")
-    await until(lambda: {e.address for e in server.datastore.ready_endpoints()} == {"127.0.10.2", "127.0.10.3"},
+    cluster.pod("vllm-a", "127.0.77.1", ready=False)
+    cluster.pod("vllm-c", "127.0.77.3")
+    await until(lambda: {e.address for e in server.datastore.ready_endpoints()} == {"127.0.77.2", "127.0.77.3"},
                 what="vllm-a unready and vllm-c ready")
-    assert {picked(await pick(server)) for _ in range(6)} <= {f"127.0.10.2:{PORT}", f"127.0.10.3:{PORT}"}
+    assert {picked(await pick(server)) for _ in range(6)} <= {f"127.0.77.2:{PORT}", f"127.0.77.3:{PORT}"}
     # The pool deleted: nothing to route to, not ready (as upstream clears its datastore).
     cluster.api.delete("inference.networking.k8s.io/v1", "InferencePool", NS, POOL)
     await until(lambda: not server.ready, what="not ready without its pool")
@@ -71,13 +71,13 @@ async def test_the_pool_from_the_api_routes_and_readiness_follows_it(start_epp: 
 
 async def test_an_objectives_priority_change_reaches_admission(start_epp: StartEpp, cluster: Cluster) -> None:
     cluster.pool()
-    cluster.pod("vllm-a", "127.0.10.1")
+    cluster.pod("vllm-a", "127.0.77.1")
     cluster.objective("batch", 0)
     server = await in_cluster(start_epp, cluster)
     await until(lambda: server.ready and server.datastore.objectives.get("batch") == 0, what="the objective")
-    # No metrics can be scraped from 127.0.10.1: the pool counts as saturated. Priority 0 is never shed.
+    # No metrics can be scraped from 127.0.77.1: the pool counts as saturated. Priority 0 is never shed.
     objective = {"x-gateway-inference-objective": "batch"}
-    assert picked(await pick(server, objective)) == f"127.0.10.1:{PORT}"
+    assert picked(await pick(server, objective)) == f"127.0.77.1:{PORT}"
     cluster.objective("batch", -1)
     await until(lambda: server.datastore.objectives.get("batch") == -1, what="the new priority")
     shed = await pick(server, objective)
@@ -87,7 +87,7 @@ async def test_an_objectives_priority_change_reaches_admission(start_epp: StartE
 
 async def test_an_api_outage_keeps_routing_to_the_pods_known(start_epp: StartEpp, cluster: Cluster) -> None:
     cluster.pool()
-    cluster.pod("vllm-a", "127.0.10.1")
+    cluster.pod("vllm-a", "127.0.77.1")
     server = await in_cluster(start_epp, cluster)
     await until(lambda: server.ready, what="readiness")
     cluster.api.outage("refuse")
@@ -95,15 +95,15 @@ async def test_an_api_outage_keeps_routing_to_the_pods_known(start_epp: StartEpp
     assert server.kubernetes is not None
     await until(lambda: not server.kubernetes.api_reachable, what="the outage to be noticed")
     assert server.ready
-    assert picked(await pick(server)) == f"127.0.10.1:{PORT}"
+    assert picked(await pick(server)) == f"127.0.77.1:{PORT}"
     cluster.api.outage(None)
-    cluster.pod("vllm-b", "127.0.10.2")
+    cluster.pod("vllm-b", "127.0.77.2")
     await until(lambda: len(server.datastore.ready_endpoints()) == 2, what="the change made after the outage")
 
 
 async def test_only_the_leader_is_ready_and_a_standby_takes_over(start_epp: StartEpp, cluster: Cluster) -> None:
     cluster.pool()
-    cluster.pod("vllm-a", "127.0.10.1")
+    cluster.pod("vllm-a", "127.0.77.1")
     first = await in_cluster(start_epp, cluster, ha_enable_leader_election=True)
     await until(lambda: first.ready, what="the first replica to lead")
     second = await in_cluster(start_epp, cluster, ha_enable_leader_election=True)
