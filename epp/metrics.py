@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -86,6 +87,23 @@ class BoundedLabel:
 
     def pin(self, value: str) -> None:
         self.pinned.add(value[:MAX_LABEL_LENGTH])
+
+
+def observe_all(histogram: Any, values: list[float]) -> None:
+    """`observe` for each value, as one update: a streamed response's inter-chunk gaps are many, and one
+    lock per value would cost more than the rest of its metrics together."""
+    bounds, buckets, total = (getattr(histogram, a, None) for a in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None:  # another prometheus_client layout
+        for v in values:
+            histogram.observe(v)
+        return
+    counts = [0] * len(bounds)
+    for v in values:
+        counts[bisect_left(bounds, v)] += 1  # the first bucket whose bound is >= v, as observe() picks
+    for bucket, n in zip(buckets, counts, strict=True):
+        if n:
+            bucket.inc(n)
+    total.inc(sum(values))
 
 
 def _help(text: str) -> str:
@@ -396,11 +414,8 @@ class EppMetrics:
                 tpot = (now - first) / (out - 1)
                 for c in s.tpot:
                     c.observe(tpot)
-        gaps = usage.gaps
-        if gaps:
-            itl = s.itl
-            for gap in gaps:
-                itl.observe(gap)
+        if usage.gaps:
+            observe_all(s.itl, usage.gaps)
 
     def scheduled(self, req: InferenceRequest, ep: Endpoint, seconds: float) -> None:
         """A scheduling cycle picked `ep` in `seconds`."""

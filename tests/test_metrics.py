@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from epp.flowcontrol import FlowControlConfig, FlowControlError, FlowController
-from epp.metrics import MAX_LABEL_LENGTH, MAX_LABEL_VALUES, OVERFLOW_LABEL, BoundedLabel
+from epp.metrics import MAX_LABEL_LENGTH, MAX_LABEL_VALUES, OVERFLOW_LABEL, BoundedLabel, observe_all
 from epp.requests import new_request, parse_body
 from epp.server import EppServer
 from epp.simulator.engine import EngineConfig
@@ -319,3 +319,20 @@ def test_a_bounded_label_keeps_what_it_admitted_and_pins_configured_names() -> N
     assert label("canary") == "canary"
     assert label("y" * 500) == OVERFLOW_LABEL
     assert len(BoundedLabel()("z" * 500)) == MAX_LABEL_LENGTH
+
+
+def test_observing_many_values_at_once_counts_as_observing_each() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    reg = CollectorRegistry()
+    one = Histogram("one", "h", buckets=(0.01, 0.1, 1.0), registry=reg)
+    many = Histogram("many", "h", buckets=(0.01, 0.1, 1.0), registry=reg)
+    values = [0.0, 0.005, 0.01, 0.0100001, 0.1, 0.5, 1.0, 3.0, 0.01]
+    for v in values:
+        one.observe(v)
+    observe_all(many, values)
+    got = {(s.name.replace("many", "one"), tuple(sorted(s.labels.items())), s.value)
+           for fam in reg.collect() if fam.name == "many" for s in fam.samples if not s.name.endswith("_created")}
+    want = {(s.name, tuple(sorted(s.labels.items())), s.value)
+            for fam in reg.collect() if fam.name == "one" for s in fam.samples if not s.name.endswith("_created")}
+    assert got == want
