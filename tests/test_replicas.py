@@ -57,13 +57,10 @@ class Replica:
                 raise AssertionError(f"{self.name} exited:\n{log.read()[-3000:]}")
 
     def stop(self) -> None:
+        """The test is over: no drain (SIGTERM would serve --drain-timeout, 30 s, more)."""
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.proc.kill()
+        self.proc.wait()
 
 
 class ReplicatedEnvoy(EnvoyProcess):
