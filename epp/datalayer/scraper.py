@@ -71,6 +71,11 @@ def extract(text: str, mapping: EngineMapping, now: float) -> tuple[EndpointMetr
     values = {}
     for key in ("queue", "running", "kv_usage"):
         v = _first(samples, getattr(mapping, key))
+        if v is not None:
+            try:
+                v = float(v)  # the text parser gives an int for an integer literal, of any size
+            except OverflowError:
+                v = math.inf
         if v is not None and not (math.isfinite(v) and v >= 0):
             # NaN, +-Inf or negative: this scrape tells nothing; the last good one ages into unknown.
             raise MetricsParseError(f"{getattr(mapping, key)[0].name} is {v}")

@@ -80,19 +80,14 @@ def test_any_metrics_text_gives_a_snapshot_or_a_parse_error(text: str, mapping: 
     check_snapshot(m, missing, mapping)
 
 
-OVERFLOW = ("epp/datalayer/scraper.py: extract() calls math.isfinite() on the parsed value, and the Prometheus "
-            "parser gives a Python int for an integer literal; one past the float range (e.g. 400 nines) raises "
-            "OverflowError out of extract instead of MetricsParseError")
 
 
-@pytest.mark.xfail(strict=True, reason=OVERFLOW)
 def test_an_integer_past_the_float_range_is_a_parse_error() -> None:
     text = 'vllm:num_requests_waiting{model_name="m"} 0\nvllm:kv_cache_usage_perc{model_name="m"} ' + "9" * 400 + "\n"
     with pytest.raises(MetricsParseError):
         extract(text, ENGINES["vllm"], now=7.0)
 
 
-@pytest.mark.xfail(strict=True, reason=OVERFLOW)
 @fuzz_settings(300)
 @given(queue=VALUES, running=VALUES, kv=VALUES, mapping=st.just(ENGINES["vllm"]))
 def test_any_value_of_the_signals_a_pod_reports(queue: str, running: str, kv: str, mapping: EngineMapping) -> None:
