@@ -219,17 +219,7 @@ def picks_counted(replica: Replica) -> float:
                if line.startswith("inference_objective_request_total{"))
 
 
-NO_FAST_EJECTION = (
-    "epp/bootstraps/envoy.yaml (and envoy-http-pick.yaml): the ext_proc cluster finds a dead replica only by "
-    "its active health check (2 s interval, unhealthy_threshold 3): until then pick streams keep going to it, "
-    "fail (connection refused) and FailClose answers 503 (half the requests inline, every pick observed) for "
-    "up to 6 s; outlier_detection on the cluster (consecutive_local_origin_failure: 1, "
-    "split_external_local_origin_errors: true, enforcing_consecutive_local_origin_failure: 100) ejects it "
-    "on its first failure"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=NO_FAST_EJECTION)
 async def test_one_replica_killed_mid_run_the_other_carries_the_load(gateway: Any) -> None:
     """Envoy does not retry an ext_proc stream, so a request fails only if it was in flight at the kill, or
     went to the dead replica before Envoy learned of it from the first failure; every later one succeeds."""
