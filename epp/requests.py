@@ -439,20 +439,27 @@ def _chat_prompt(data: dict[str, Any]) -> str:
 
 
 def _content_text(content: Any, i: int) -> str:
+    return _joined_text(content, f"messages[{i}].content parts must be objects",
+                        f"messages[{i}].content must be a string or an array")
+
+
+def _joined_text(content: Any, not_object: str, not_text: str) -> str:
+    """A message's content as one text: a string, or an array of parts (OpenAI) or blocks (Anthropic)
+    whose text parts are joined. Images, tool use and the like still identify the prefix: their JSON,
+    with sorted keys, is stable."""
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):
         texts = []
         for part in content:
             if not isinstance(part, dict):
-                raise bad_request(f"messages[{i}].content parts must be objects", param="messages")
+                raise bad_request(not_object, param="messages")
             if part.get("type") == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             else:
-                # Images and other parts still identify the prefix; their JSON is stable.
                 texts.append(orjson.dumps(part, option=orjson.OPT_SORT_KEYS).decode())
         return "".join(texts)
-    raise bad_request(f"messages[{i}].content must be a string or an array", param="messages")
+    raise bad_request(not_text, param="messages")
 
 
 def _items_text(items: list[Any], what: str) -> str:
@@ -503,20 +510,8 @@ def _image_prompt(data: dict[str, Any]) -> str:
 
 
 def _anthropic_blocks(content: Any, where: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        texts = []
-        for block in content:
-            if not isinstance(block, dict):
-                raise bad_request(f"{where} content blocks must be objects", param="messages")
-            if block.get("type") == "text" and isinstance(block.get("text"), str):
-                texts.append(block["text"])
-            else:
-                # Images, tool use and results still identify the prefix; their JSON is stable.
-                texts.append(orjson.dumps(block, option=orjson.OPT_SORT_KEYS).decode())
-        return "".join(texts)
-    raise bad_request(f"{where} must be a string or an array of content blocks", param="messages")
+    return _joined_text(content, f"{where} content blocks must be objects",
+                        f"{where} must be a string or an array of content blocks")
 
 
 def _anthropic_prompt(data: dict[str, Any]) -> str:
