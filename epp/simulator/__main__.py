@@ -10,6 +10,7 @@ import asyncio
 import signal
 
 from epp.simulator.engine import EngineConfig
+from epp.simulator.kv_publisher import KVEventsConfig, offset_endpoint, parse_kv_events_config
 from epp.simulator.server import SimulatedServer
 
 
@@ -32,7 +33,21 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV-cache block")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="multiply every modelled duration (0: instant, for overhead measurements)")
+    p.add_argument("--kv-events-endpoint", default="",
+                   help="publish KV-cache events on this ZMQ endpoint (bound; the i-th server adds i to the port)")
+    p.add_argument("--kv-events-config", default="",
+                   help="vLLM's KV-events config, JSON: publisher, endpoint, topic, hwm")
     args = p.parse_args()
+    kv_events: KVEventsConfig | None = None
+    if args.kv_events_config and args.kv_events_endpoint:
+        p.error("give --kv-events-endpoint or --kv-events-config, not both")
+    if args.kv_events_config:
+        try:
+            kv_events = parse_kv_events_config(args.kv_events_config)
+        except ValueError as e:
+            p.error(str(e))
+    elif args.kv_events_endpoint:
+        kv_events = KVEventsConfig(args.kv_events_endpoint)
 
     async def run() -> None:
         servers = []
@@ -45,7 +60,10 @@ def main() -> None:
             )
             if args.model:
                 cfg.models = list(args.model)
-            s = SimulatedServer(f"{args.name_prefix}-{i}", port, cfg, args.host)
+            events = None
+            if kv_events is not None:
+                events = KVEventsConfig(offset_endpoint(kv_events.endpoint, i), kv_events.topic, kv_events.hwm)
+            s = SimulatedServer(f"{args.name_prefix}-{i}", port, cfg, args.host, events)
             await s.start()
             servers.append(s)
         print(f"simulators ready on {args.host}: {', '.join(map(str, ports))}", flush=True)

@@ -22,18 +22,29 @@ KV cache: `num_gpu_blocks` blocks of `block_size` (16) tokens. A sequence reserv
 blocks for its prompt and output at admission (no preemption); full prompt blocks
 are hashed (chained on the previous, seeded by the model) and stay cached after the
 sequence ends, until least-recently-used eviction needs their space. Prefill skips
-the cached leading blocks. Tokens are approximated as 4 characters, as the EPP does.
+the cached leading blocks. Tokens are approximated as 4 characters, as the EPP does; with KV
+events on, a token is 4 bytes of the prompt's UTF-8 (epp.kvevents.hashing.simulator_token_ids),
+and a prompt given as token ids is hashed over those ids.
+
+KV events: with a sink set (`Engine.events`), every block the prefix cache stores is reported as a
+BlockStored (its hash, its parent's, its token ids), every eviction as a BlockRemoved, a reset as
+AllBlocksCleared, in vLLM's format (epp/kvevents/events.py); the server publishes them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import xxhash
+
+from epp.kvevents.events import AllBlocksCleared, BlockRemoved, BlockStored, Event
+from epp.kvevents.hashing import simulator_token_ids
 
 CHARS_PER_TOKEN = 4
 
@@ -73,12 +84,23 @@ def prompt_blocks(model: str, text: str, block_chars: int) -> list[int]:
     return out
 
 
+def token_blocks(model: str, tokens: list[int], block_size: int) -> list[int]:
+    """Chained hashes of a token-id prompt's full blocks (each block's ids packed as uint32)."""
+    prev = xxhash.xxh64_intdigest(model.encode())
+    out = []
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        chunk = tokens[start : start + block_size]
+        prev = xxhash.xxh64_intdigest(struct.pack(f"<{block_size}I", *(t & 0xFFFFFFFF for t in chunk)), seed=prev)
+        out.append(prev)
+    return out
+
+
 class Sequence:
     """One request inside the engine. `tokens` yields once per generated token, then None."""
 
     __slots__ = ("arrived", "blocks", "cached_tokens", "done", "expected_uncached", "first_token_clock", "generated",
                  "lora", "max_tokens", "model", "prefill_left", "prompt_tokens", "reserved", "shared_blocks",
-                 "submit_clock", "tokens")
+                 "submit_clock", "token_ids", "tokens")
 
     def __init__(self, model: str, lora: str | None, blocks: list[int], prompt_tokens: int, max_tokens: int) -> None:
         self.model, self.lora, self.blocks = model, lora, blocks
@@ -92,6 +114,7 @@ class Sequence:
         self.arrived = time.monotonic()
         self.submit_clock = 0.0  # the engine's modelled clock (ms) at submit and at the first token
         self.first_token_clock = 0.0
+        self.token_ids: list[int] | None = None  # the prompt's tokens, kept only while KV events are on
         self.tokens: asyncio.Queue[int | None] = asyncio.Queue()
         self.done = False
 
@@ -118,6 +141,9 @@ class Engine:
         self.clock_ms = 0.0  # modelled time elapsed, whatever time_scale is
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Where KV events go (the server's publisher), or None: then nothing is recorded.
+        self.events: Callable[[list[Event]], None] | None = None
+        self._lora_ids = {name: i + 1 for i, name in enumerate(cfg.lora_adapters)}
 
     # --- what a router may look at (the oracle reads these directly) ----------
     @property
@@ -161,11 +187,18 @@ class Engine:
         return sum(s.expected_uncached for s in self.waiting) + sum(s.prefill_left for s in self.running)
 
     # --- requests ------------------------------------------------------------
-    def submit(self, model: str, prompt: str, max_tokens: int) -> Sequence:
+    def submit(self, model: str, prompt: str, max_tokens: int, token_ids: list[int] | None = None) -> Sequence:
+        """A request: its prompt text, or (token-id prompts) the ids themselves."""
         lora = model if model in self.cfg.lora_adapters else None
-        tokens = max(1, len(prompt) // CHARS_PER_TOKEN)
-        blocks = prompt_blocks(model, prompt, self.cfg.block_size * CHARS_PER_TOKEN)
+        if token_ids is not None:
+            tokens = max(1, len(token_ids))
+            blocks = token_blocks(model, token_ids, self.cfg.block_size)
+        else:
+            tokens = max(1, len(prompt) // CHARS_PER_TOKEN)
+            blocks = prompt_blocks(model, prompt, self.cfg.block_size * CHARS_PER_TOKEN)
         seq = Sequence(model, lora, blocks, tokens, max_tokens)
+        if self.events is not None:
+            seq.token_ids = token_ids if token_ids is not None else simulator_token_ids(prompt)
         need = -(-(seq.prompt_tokens + seq.max_tokens) // self.cfg.block_size)
         if need > self.cfg.num_gpu_blocks:
             raise ValueError(f"prompt and max_tokens need {need} KV blocks; the cache has {self.cfg.num_gpu_blocks}")
@@ -246,13 +279,43 @@ class Engine:
         seq.tokens.put_nowait(None)
 
     def _cache_prompt(self, seq: Sequence) -> None:
-        for h in seq.blocks:
+        events: list[Event] | None = [] if self.events is not None else None
+        run_start = -1  # first block of a run of newly stored blocks
+        for i, h in enumerate(seq.blocks):
+            new = h not in self.cache
+            if events is not None:
+                if new and run_start < 0:
+                    run_start = i
+                elif not new and run_start >= 0:
+                    events.append(self._stored(seq, run_start, i))
+                    run_start = -1
             self.cache[h] = None
             self.cache.move_to_end(h)
+        if events is not None and run_start >= 0:
+            events.append(self._stored(seq, run_start, len(seq.blocks)))
         # Cached blocks live in the space running sequences do not hold.
         room = max(0, self.cfg.num_gpu_blocks - self.reserved_blocks)
+        evicted = []
         while len(self.cache) > room:
-            self.cache.popitem(last=False)
+            evicted.append(self.cache.popitem(last=False)[0])
+        if events is not None and self.events is not None:
+            if evicted:
+                events.append(BlockRemoved(evicted))
+            if events:
+                self.events(events)
+
+    def _stored(self, seq: Sequence, start: int, end: int) -> BlockStored:
+        bs = self.cfg.block_size
+        ids = seq.token_ids or []
+        return BlockStored(seq.blocks[start:end], seq.blocks[start - 1] if start else None,
+                           ids[start * bs : end * bs], bs, self._lora_ids.get(seq.lora or ""),
+                           "GPU", seq.lora)
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached block nobody runs on (vLLM's /reset_prefix_cache)."""
+        self.cache.clear()
+        if self.events is not None:
+            self.events([AllBlocksCleared()])
 
     async def _loop(self) -> None:
         c = self.cfg

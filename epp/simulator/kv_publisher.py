@@ -1,0 +1,86 @@
+"""The simulator's KV-event publisher: a ZMQ PUB socket sending vLLM's multipart messages.
+
+Configured as vLLM is, by `--kv-events-config '{"publisher": "zmq", "endpoint": ..., "topic": ...}'`
+or the shorthand `--kv-events-endpoint tcp://127.0.0.1:PORT`. vLLM binds its endpoint (`tcp://*:5557`);
+so does this. One batch per engine step that stored or evicted blocks; the sequence number counts
+batches from 0. A subscriber too slow to keep up loses batches (ZMQ drops past the high-water
+mark), which it sees as a gap in the sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from epp.kvevents.events import Event, EventBatch, encode_batch, encode_sequence
+
+# vLLM's KVEventsConfig keys; the ones the simulator does not model are refused by name.
+_KNOWN = {"enable_kv_cache_events", "publisher", "endpoint", "topic", "hwm", "buffer_steps", "max_queue_size",
+          "replay_endpoint"}
+
+
+@dataclass(slots=True)
+class KVEventsConfig:
+    endpoint: str
+    topic: str = ""  # "" means kv@<host:port>@<model>
+    hwm: int = 100_000
+
+
+def parse_kv_events_config(text: str) -> KVEventsConfig | None:
+    """vLLM's `--kv-events-config` JSON; None when events are off (publisher "null" or disabled)."""
+    try:
+        raw: Any = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--kv-events-config is not JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError("--kv-events-config must be a JSON object")
+    unknown = sorted(set(raw) - _KNOWN)
+    if unknown:
+        raise ValueError(f"--kv-events-config: unknown key(s) {unknown}")
+    if raw.get("replay_endpoint"):
+        raise ValueError("--kv-events-config: the simulator has no replay socket (replay_endpoint)")
+    publisher = raw.get("publisher", "zmq" if raw.get("enable_kv_cache_events") else "null")
+    if publisher in (None, "null") or raw.get("enable_kv_cache_events") is False:
+        return None
+    if publisher != "zmq":
+        raise ValueError(f"--kv-events-config: publisher {publisher!r} is not supported (zmq or null)")
+    return KVEventsConfig(str(raw.get("endpoint") or "tcp://*:5557"), str(raw.get("topic") or ""),
+                          int(raw.get("hwm") or 100_000))
+
+
+def offset_endpoint(endpoint: str, i: int) -> str:
+    """The i-th server's endpoint when one process runs several: the port plus i."""
+    if i == 0:
+        return endpoint
+    head, _, port = endpoint.rpartition(":")
+    return f"{head}:{int(port) + i}"
+
+
+class KVEventPublisher:
+    def __init__(self, cfg: KVEventsConfig, topic: str) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self.socket = self.ctx.socket(zmq.PUB)
+        self.socket.setsockopt(zmq.SNDHWM, cfg.hwm)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(cfg.endpoint)
+        self.endpoint = cfg.endpoint
+        self.topic = topic.encode()
+        self.seq = 0
+        self.sent = 0
+
+    def publish(self, events: list[Event]) -> None:
+        """Send one batch without blocking the server's loop (a full queue drops it, as ZMQ PUB does)."""
+        payload = encode_batch(EventBatch(time.time(), events))
+        try:
+            self.socket.send_multipart([self.topic, encode_sequence(self.seq), payload], zmq.NOBLOCK)
+            self.sent += 1
+        except zmq.Again:
+            pass
+        self.seq += 1
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
