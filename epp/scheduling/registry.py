@@ -30,6 +30,8 @@ from epp.scheduling.plugins.lora_affinity_scorer import LoraAffinityScorer
 from epp.scheduling.plugins.low_queue_filter import LowQueueFilter
 from epp.scheduling.plugins.max_score_picker import MaxScorePicker
 from epp.scheduling.plugins.no_hit_lru_scorer import NoHitLRUScorer
+from epp.scheduling.plugins.precise_prefix_cache_producer import PrecisePrefixCacheProducer
+from epp.scheduling.plugins.precise_prefix_cache_scorer import PrecisePrefixCacheScorer
 from epp.scheduling.plugins.prefill_load_scorer import PrefillLoadScorer
 from epp.scheduling.plugins.prefix_cache_affinity_filter import PrefixCacheAffinityFilter
 from epp.scheduling.plugins.prefix_cache_scorer import PrefixCacheScorer
@@ -47,6 +49,7 @@ from epp.scheduling.plugins.weighted_random_picker import WeightedRandomPicker
 BUILT_IN: tuple[type[Plugin], ...] = (
     # scorers
     PrefixCacheScorer,
+    PrecisePrefixCacheScorer,
     PrefillLoadScorer,
     QueueScorer,
     KVCacheUtilizationScorer,
@@ -81,6 +84,7 @@ BUILT_IN: tuple[type[Plugin], ...] = (
     WeightedRandomPicker,
     # data producers and request-lifecycle plugins
     ApproxPrefixCacheProducer,
+    PrecisePrefixCacheProducer,
     InFlightLoadProducer,
     DestinationEndpointServedVerifier,
 )
