@@ -2,9 +2,17 @@
 
 `plan` computes all of it without side effects; `decide` (a real pick) and
 `dry_run` (the explain API) both go through it, so what explain shows is what a
-pick does. The transports call `decide` once a request is parsed and `finish`
-once its response has ended; they never score. The director owns the in-flight
-counts: +1 when a pick is handed to the proxy, -1 exactly once when it ends.
+pick does. The transports call `decide` (or, with flow control on, `decide_async`)
+once a request is parsed and `finish` once its response has ended; they never score.
+The director owns the in-flight counts: +1 when a pick is handed to the proxy, -1
+exactly once when it ends.
+
+With the flowControl gate on, `decide_async` first resolves the request's target
+model and priority, then waits in the flow controller while the pool is saturated
+(its outcome error, 429 or 503, is raised as is); once dispatched the pick is committed
+before anything else runs, so the controller's next look at saturation counts it.
+Every `finish` is a capacity signal. Sheddable requests are then never shed here:
+flow control decides who waits and who is dropped, as upstream's flow-control admission.
 """
 
 from __future__ import annotations
@@ -13,9 +21,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from epp import errors
+from epp import errors, logs
 from epp.admission import Admission, SaturationDetector
 from epp.datastore import Datastore, Endpoint
+from epp.flowcontrol import FlowController
 from epp.metrics import EppMetrics
 from epp.requests import INFERENCE_KINDS, InferenceRequest
 from epp.scheduling.framework import CycleState, SchedulingResult
@@ -32,6 +41,7 @@ class Plan:
     state: CycleState | None = None
     # Why it would not be picked: shed (429) or no endpoint (503). A shed plan is still scored.
     error: errors.EppError | None = None
+    unschedulable: bool = False  # scheduling ran and found no endpoint (filters left none)
 
 
 @dataclass(slots=True)
@@ -55,6 +65,7 @@ class Director:
     def __init__(
         self, datastore: Datastore, config: PickerConfig, metrics: EppMetrics | None = None, *,
         explain_headers: bool = False, emit_endpoint_scores: bool = False, honor_subset_hint: bool = True,
+        flow_recheck: float = 0.05,
     ) -> None:
         self.datastore = datastore
         self.config = config
@@ -66,6 +77,21 @@ class Director:
         self.honor_subset_hint = honor_subset_hint
         self.admission = Admission(datastore, SaturationDetector(config.saturation))
         datastore.subscribe(self.scheduler.endpoints_changed)
+        # --tracing: one span per pick (or error); None: off, and nothing is built per request.
+        self.tracer: logs.RequestTracer | None = None
+        self.flow: FlowController | None = None
+        if config.flow_control is not None:
+            self.flow = FlowController(config.flow_control, self.pool_saturation,
+                                       lambda: len(self.datastore.ready_endpoints()), metrics=metrics,
+                                       pool_name=metrics.pool_name if metrics is not None else "",
+                                       recheck=flow_recheck if config.saturation.type_name != "concurrency-detector"
+                                       else 0.0)
+            flow = self.flow
+            datastore.subscribe(lambda added, removed: flow.capacity_changed_threadsafe())
+
+    def pool_saturation(self) -> float:
+        """The configured detector's saturation over the pool's candidates (flow control's gate)."""
+        return self.admission.detector.saturation(self.candidates(None), self.datastore.now())
 
     def candidates(self, subset: Sequence[str] | None) -> list[Endpoint]:
         """Ready endpoints (within the proxy's subset hint), those with fresh metrics only if any have them.
@@ -83,34 +109,66 @@ class Director:
         fresh = [ep for ep in ready if ep.fresh_metrics(now, staleness) is not None]
         return fresh or list(ready)
 
-    def plan(self, request: InferenceRequest, subset: Sequence[str] | None = None, *, score_shed: bool = True) -> Plan:
+    def plan(self, request: InferenceRequest, subset: Sequence[str] | None = None, *, score_shed: bool = True,
+             admitted: bool = False, rewrite: str | None = None) -> Plan:
         """Candidates, rewrite and priority, admission, scheduling: every step, no side effect.
 
         A request admission sheds is still scored when `score_shed` (to show why), else not.
+        `admitted`: flow control has resolved the request (its rewrite is `rewrite`) and let it go.
         """
-        plan = Plan(self.candidates(subset))
+        plan = Plan(self.candidates(subset), rewrite)
         if not plan.candidates:
             message = ("none of the endpoints in the proxy's subset hint is a ready endpoint of the pool"
                        if subset is not None else "no ready endpoint in the pool")
             plan.error = errors.EppError(errors.SERVICE_UNAVAILABLE, message, reason="no_endpoint")
             return plan
         now = self.datastore.now()
-        if request.kind in INFERENCE_KINDS:
+        if request.kind in INFERENCE_KINDS and not admitted:
             plan.rewrite = self.admission.resolve(request)
-            plan.error = self.admission.shed(request, plan.candidates, now)
+            if self.flow is None:  # with flow control on, it decides who waits and who is dropped
+                plan.error = self.admission.shed(request, plan.candidates, now)
             if plan.error is not None and not score_shed:
                 return plan
         try:
             plan.result, plan.state = self.scheduler.schedule(request, plan.candidates, now, self.datastore.staleness)
         except errors.EppError as e:
             plan.error = plan.error or e
+            plan.unschedulable = True
         return plan
 
-    def decide(self, request: InferenceRequest, subset: Sequence[str] | None = None) -> Decision:
-        """Pick an endpoint for the parsed request and commit it, or raise EppError (429, 503)."""
+    def decide(self, request: InferenceRequest, subset: Sequence[str] | None = None, *,
+               received_at: float | None = None) -> Decision:
+        """Pick an endpoint for the parsed request and commit it, or raise EppError (429, 503).
+        With flow control on, transports call `decide_async` instead."""
+        return self._commit(request, subset, self.plan(request, subset, score_shed=False), received_at, 0.0,
+                            time.perf_counter())
+
+    async def decide_async(self, request: InferenceRequest, subset: Sequence[str] | None = None, *,
+                           received_at: float | None = None) -> Decision:
+        """`decide` behind flow control: wait for the request's turn while the pool is saturated.
+        Raises the flow-control outcome's error (429 / 503 with the dropped-reason header)."""
+        flow = self.flow
+        if flow is None or request.kind not in INFERENCE_KINDS:
+            return self.decide(request, subset, received_at=received_at)
+        rewrite = self.admission.resolve(request)
+        try:
+            waited = await flow.admit(request)
+        except errors.EppError as e:
+            self._traced(request, None, received_at, e, 0.0)
+            raise
         started = time.perf_counter()
-        plan = self.plan(request, subset, score_shed=False)
+        # No await from here to the commit: the controller's next cycle sees this pick in flight.
+        plan = self.plan(request, subset, score_shed=False, admitted=True, rewrite=rewrite)
+        return self._commit(request, subset, plan, received_at, waited, started)
+
+    def _commit(self, request: InferenceRequest, subset: Sequence[str] | None, plan: Plan,
+                received_at: float | None, waited: float, started: float) -> Decision:
         if plan.error is not None:
+            if plan.unschedulable and self.metrics is not None:
+                self.metrics.schedule_failed(request)  # scheduling ran and found no endpoint
+            self._traced(request, None, received_at, plan.error, waited)
+            if self.flow is not None:
+                self.flow.capacity_changed()  # its turn went unused: the next may take it
             raise plan.error
         result, state = plan.result, plan.state
         assert result is not None
@@ -131,7 +189,16 @@ class Director:
             if plan.rewrite is not None:
                 m.rewritten(plan.rewrite, request)
             m.scheduled(request, ep, time.perf_counter() - started)
+        logs.log_pick(request, result, waited)  # returns at once unless epp.pick logs at debug
+        self._traced(request, result, received_at, None, waited)
         return decision
+
+    def _traced(self, request: InferenceRequest, result: SchedulingResult | None, received_at: float | None,
+                error: errors.EppError | None, waited: float) -> None:
+        tracer = self.tracer
+        if tracer is not None:
+            tracer.request(request, result, received_at=time.monotonic() if received_at is None else received_at,
+                           error=error, waited=waited)
 
     def dry_run(self, request: InferenceRequest, subset: Sequence[str] | None = None) -> Plan:
         """What `decide` would do, without doing it: no in-flight count, no hooks, nothing shed."""
@@ -149,6 +216,8 @@ class Director:
         ep = decision.endpoint
         ep.inflight -= 1
         self.scheduler.response_complete(request, ep)
+        if self.flow is not None:
+            self.flow.capacity_changed()  # a slot came back: a waiting request may go
 
     @staticmethod
     def explain(r: SchedulingResult) -> str:

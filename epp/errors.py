@@ -41,13 +41,16 @@ class ConfigError(ValueError):
 class EppError(Exception):
     """A request-level failure the client must hear about as an HTTP error."""
 
-    def __init__(self, code: str, message: str, *, param: str | None = None, reason: str | None = None):
+    def __init__(self, code: str, message: str, *, param: str | None = None, reason: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
         # A short machine-readable reason for the OpenAI `code` field (e.g. "model_not_found").
         self.reason = reason
+        # Response headers the client gets with the error (flow control's dropped reason).
+        self.headers: dict[str, str] = headers or {}
 
     @property
     def http_status(self) -> int:

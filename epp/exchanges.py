@@ -64,15 +64,39 @@ class Exchanges:
         self._key_seq = itertools.count()
 
     # --- the pick --------------------------------------------------------------
+    @property
+    def flow_control(self) -> bool:
+        """Picks may wait in flow control: the transports await `open_async`."""
+        return self.director.flow is not None
+
     def open(self, req: InferenceRequest, subset: Sequence[str] | None, received_at: float) -> Exchange:
         """Decide where the parsed request goes and open its exchange. Raises EppError."""
         try:
-            decision = self.director.decide(req, subset)
+            decision = self.director.decide(req, subset, received_at=received_at)
         except errors.EppError:
             raise
         except Exception as e:  # a bug: the client gets a 500, the server and other requests go on
-            log.exception("scheduling failed for %s %s", req.kind, req.path)
-            raise errors.EppError(errors.INTERNAL, f"internal error while scheduling: {type(e).__name__}") from e
+            raise self._internal(req, e) from e
+        return self._opened(req, decision, received_at)
+
+    async def open_async(self, req: InferenceRequest, subset: Sequence[str] | None, received_at: float) -> Exchange:
+        """`open` behind flow control: waits while the pool is saturated. A cancelled wait (the client
+        left) leaves the queue at once; raises EppError (flow control's 429 / 503 included)."""
+        try:
+            decision = await self.director.decide_async(req, subset, received_at=received_at)
+        except errors.EppError:
+            raise
+        except Exception as e:
+            raise self._internal(req, e) from e
+        return self._opened(req, decision, received_at)
+
+    @staticmethod
+    def _internal(req: InferenceRequest, e: Exception) -> errors.EppError:
+        """A bug: the client gets a 500, the server and other requests go on."""
+        log.exception("scheduling failed for %s %s", req.kind, req.path)
+        return errors.EppError(errors.INTERNAL, f"internal error while scheduling: {type(e).__name__}")
+
+    def _opened(self, req: InferenceRequest, decision: Decision, received_at: float) -> Exchange:
         if self.metrics is not None:
             self.metrics.picked(req, len(req.body))
         key = f"{self._key_prefix}-{next(self._key_seq)}"
@@ -98,10 +122,17 @@ class Exchanges:
         ex.observed = True
         return ex
 
-    def response_headers(self, ex: Exchange, status: str, content_type: str, end_of_stream: bool) -> None:
+    def response_headers(self, ex: Exchange, status: str, content_type: str, end_of_stream: bool,
+                         served: str = "") -> tuple[tuple[str, str], ...]:
+        """The response's headers arrived; `served` is the endpoint the proxy reports having sent the
+        request to. Returns the headers the plugins add to the client's response."""
         ex.usage.headers(status, content_type)
+        if served:
+            ex.req.served_endpoint = served
+        added = self.director.scheduler.response_headers(ex.req, ex.decision.endpoint)
         if end_of_stream:
             self.finish(ex)
+        return added
 
     def response_body(self, ex: Exchange, chunk: bytes, eos: bool) -> None:
         usage = ex.usage

@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from epp import tls
+from epp import logs, tls
 from epp._proto import explain_pb2_grpc
 from epp.datalayer import engines
 from epp.datalayer.scraper import MetricsScraper
@@ -120,6 +120,10 @@ class ServeOptions:
     explain_port: int = 0
     observer_grace: float = 2.0
     grace_period: float = 30.0
+    # The HTTP pick port closes a connection whose request headers take longer than this (slowloris).
+    http_pick_header_timeout: float = 10.0
+    # --tracing: one OpenTelemetry span per pick (epp.logs.setup_tracing; the SDK must be installed).
+    tracing: bool = False
     seed: int | None = None
 
     @property
@@ -131,10 +135,11 @@ class ServeOptions:
 def load_picker_config(opts: ServeOptions) -> picker_config.PickerConfig:
     if opts.config_file and opts.config_text:
         raise ConfigError("--config-file and --config-text cannot both be set")
+    # The server runs flow control (the flowControl feature gate) with the config's section.
     if opts.config_file:
-        return picker_config.load_file(opts.config_file, seed=opts.seed)
+        return picker_config.load_file(opts.config_file, seed=opts.seed, runs_flow_control=True)
     if opts.config_text:
-        return picker_config.load_text(opts.config_text, "--config-text", seed=opts.seed)
+        return picker_config.load_text(opts.config_text, "--config-text", seed=opts.seed, runs_flow_control=True)
     return picker_config.default_config(seed=opts.seed)
 
 
@@ -198,13 +203,18 @@ class EppServer:
         self.metrics = EppMetrics(opts.pool_name or DEFAULT_POOL_LABEL)
         self.director = Director(self.datastore, self.picker_config, self.metrics,
                                  explain_headers=opts.explain_headers, emit_endpoint_scores=opts.emit_endpoint_scores,
-                                 honor_subset_hint=not opts.disable_endpoint_subset_filter)
+                                 honor_subset_hint=not opts.disable_endpoint_subset_filter,
+                                 flow_recheck=opts.refresh_metrics_interval)
+        try:
+            self.director.tracer = logs.setup_tracing(opts.tracing)
+        except RuntimeError as e:  # the OpenTelemetry SDK is missing: say what to install
+            raise ConfigError(str(e)) from None
         self.exchanges = Exchanges(self.director, self.metrics, observer_grace=opts.observer_grace)
         self.handoffs = Handoffs(grace=opts.observer_grace)
         self.processor = ExternalProcessor(self.exchanges, self.handoffs, max_body_bytes=opts.max_body_bytes)
         self.http_pick = (
             HttpPick(self.exchanges, self.handoffs, max_body_bytes=opts.max_body_bytes,
-                     grace_period=opts.grace_period)
+                     grace_period=opts.grace_period, header_timeout=opts.http_pick_header_timeout)
             if opts.http_pick_port else None
         )
         # The config's metrics-data-source settings over the flags' (as upstream: config, flag, default).
@@ -280,10 +290,15 @@ class EppServer:
             self.leader = LeaderElector(client, lease_name(namespace, owner), namespace,
                                         on_change=lambda _: self._health_changed())
 
+    def _set_rewrites(self, snap: manifests.PoolSnapshot) -> None:
+        self.datastore.rewrites = ModelRewrites(snap.rewrites, seed=self.opts.seed)
+        # The models the rules name get their own metric label, however many others clients send.
+        self.metrics.pin_models({m for rule in snap.rewrites for m in (*rule.models, *rule.targets)})
+
     def apply_snapshot(self, snap: manifests.PoolSnapshot) -> None:
         """Install what the Kubernetes API says. No pool (deleted, not there yet): no endpoints, not ready."""
         self.datastore.objectives = snap.objectives
-        self.datastore.rewrites = ModelRewrites(snap.rewrites, seed=self.opts.seed)
+        self._set_rewrites(snap)
         if not snap.has_pool:
             self.datastore.set_endpoints([])
             self.datastore.pool_synced = False
@@ -298,7 +313,7 @@ class EppServer:
     def apply_pool_file(self, snap: manifests.PoolSnapshot) -> None:
         """Install what the pool file says: objectives and rewrites always, endpoints if it has a pool."""
         self.datastore.objectives = snap.objectives
-        self.datastore.rewrites = ModelRewrites(snap.rewrites, seed=self.opts.seed)
+        self._set_rewrites(snap)
         if snap.has_pool:
             for ep in snap.endpoints:
                 ep.metrics_port = self.opts.model_server_metrics_port
@@ -443,6 +458,8 @@ class EppServer:
             log.info("draining: ext_proc served %gs more before it stops", drain)
             await asyncio.sleep(drain)
         grace = self.opts.grace_period if grace is None else grace
+        if self.director.flow is not None:
+            self.director.flow.close()  # requests still waiting are told 503 (shutting down) now
         stops = [s.stop(grace) for s in self._servers]
         if self.http_pick is not None:
             stops.append(self.http_pick.stop())
@@ -456,6 +473,8 @@ class EppServer:
         if self.kube_client is not None:
             await self.kube_client.close()
         self.scraper.stop()
+        if self.director.tracer is not None:
+            self.director.tracer.shutdown()  # exports the spans still batched
         log.info("epp stopped")
 
     async def wait(self) -> None:

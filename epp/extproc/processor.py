@@ -19,7 +19,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from epp.exchanges import Exchanges
-from epp.extproc.stream import HANDLERS, Answer, PickStream, headers_of
+from epp.extproc.stream import HANDLERS, Answer, PickStream, headers_of, served_endpoint
 from epp.handoff import Handoffs
 from epp.protocol import EXCHANGE_HEADER
 
@@ -59,7 +59,14 @@ class ExternalProcessor:
                 handler = HANDLERS.get(msg.WhichOneof("request") or "")
                 if handler is None:
                     continue
-                for answer in handler(stream, msg):
+                answers = handler(stream, msg)
+                pending = stream.take_pending()
+                if pending is not None:  # the pick waits in flow control; cancelled if the stream is
+                    for answer in await pending:
+                        yield answer
+                    if stream.ended:
+                        return
+                for answer in answers:
                     yield answer
                 if stream.ended:
                     return
@@ -81,8 +88,9 @@ class ExternalProcessor:
                 kind = msg.WhichOneof("request")
                 if kind == "response_headers":
                     h = headers_of(msg.response_headers)
+                    # An observer cannot change the response: plugins' headers are not sent from here.
                     xs.response_headers(ex, h.get(":status", ""), h.get("content-type", ""),
-                                        msg.response_headers.end_of_stream)
+                                        msg.response_headers.end_of_stream, served_endpoint(msg, h))
                 elif kind == "response_body":
                     xs.response_body(ex, msg.response_body.body, msg.response_body.end_of_stream)
                 elif kind == "response_trailers":

@@ -84,6 +84,12 @@ def route_on_body(primary: str, targets: str, new_body: bytes | None,
     )
 
 
+def response_headers_mutation(headers: tuple[tuple[str, str], ...]) -> pb.ProcessingResponse:
+    """Continue the response, with headers the plugins add for the client (session tokens, ...)."""
+    return pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
+        header_mutation=pb.HeaderMutation(set_headers=[_header(k, v) for k, v in headers]))))
+
+
 def streamed_body(body: bytes, *, request: bool, end_of_stream: bool) -> list[pb.ProcessingResponse]:
     """FULL_DUPLEX_STREAMED: the processor sends the body on itself, in chunks Envoy accepts."""
     out = []
@@ -105,7 +111,8 @@ def immediate(error: EppError) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=error.http_status),
-            headers=pb.HeaderMutation(set_headers=[_header("content-type", "application/json")]),
+            headers=pb.HeaderMutation(set_headers=[_header("content-type", "application/json"),
+                                                   *(_header(k, v) for k, v in error.headers.items())]),
             body=error.body(),
             details=f"epp_{error.code}",
         )

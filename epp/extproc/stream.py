@@ -11,6 +11,10 @@ A stream whose headers carry `x-epp-rewrite-body` belongs to the HTTP pick layou
 the pick was made over HTTP, and this stream only sends the hand-off (the rewritten
 body, or the 5xx error the pick ended in; `epp.handoff`).
 
+With flow control on, a pick may wait: the handler that completes the request leaves
+the pick in `pending` (a coroutine) and the processor awaits it before answering
+anything else; a stream cancelled meanwhile (the client left) leaves the queue.
+
 Response phase (the inline layout, where the same stream carries the response):
 status, body chunks (echoed back in FULL_DUPLEX_STREAMED) and trailers feed the
 exchange. Messages out of order (a second set of request headers, a body after
@@ -21,7 +25,8 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import TypeAlias
+from collections.abc import Coroutine
+from typing import Any, TypeAlias
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -30,7 +35,14 @@ from epp import errors
 from epp.exchanges import Exchange, Exchanges
 from epp.extproc import responses as R
 from epp.handoff import Handoff, Handoffs
-from epp.protocol import EXCHANGE_HEADER, HANDOFF_HEADER, SUBSET_KEY, SUBSET_NAMESPACE
+from epp.protocol import (
+    DESTINATION_NAMESPACE,
+    DESTINATION_SERVED_HEADER,
+    EXCHANGE_HEADER,
+    HANDOFF_HEADER,
+    SUBSET_KEY,
+    SUBSET_NAMESPACE,
+)
 from epp.requests import InferenceRequest, new_request, parse_body
 
 MODE_BUFFERED = pm.ProcessingMode.BUFFERED
@@ -54,6 +66,17 @@ def headers_of(hm: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
+def served_endpoint(msg: pb.ProcessingRequest, headers: dict[str, str]) -> str:
+    """The endpoint the proxy reports having sent the request to: its `envoy.lb` metadata on the
+    response (as upstream reads it), else a response header of the same name."""
+    fm = msg.metadata_context.filter_metadata
+    if DESTINATION_NAMESPACE in fm:
+        value = fm[DESTINATION_NAMESPACE].fields.get(DESTINATION_SERVED_HEADER)
+        if value is not None and value.HasField("string_value"):
+            return value.string_value
+    return headers.get(DESTINATION_SERVED_HEADER, "")
+
+
 def subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
     """The proxy's list of allowed endpoints (filter metadata), or None when it sets none."""
     fm = msg.metadata_context.filter_metadata
@@ -72,7 +95,7 @@ def subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
 class PickStream:
     """The request phase and, inline, the response phase of one ext_proc stream."""
 
-    __slots__ = ("_body", "body_mode", "ex", "exchanges", "handoff", "handoffs", "max_body_bytes", "phase",
+    __slots__ = ("_body", "body_mode", "ex", "exchanges", "handoff", "handoffs", "max_body_bytes", "pending", "phase",
                  "received_at", "req", "response_mode", "subset")
 
     def __init__(self, exchanges: Exchanges, handoffs: Handoffs, max_body_bytes: int) -> None:
@@ -88,6 +111,8 @@ class PickStream:
         self.body_mode = MODE_BUFFERED
         self.response_mode = MODE_BUFFERED
         self.subset: list[str] | None = None
+        # A pick waiting in flow control: the processor awaits it, then sends its answers first.
+        self.pending: Coroutine[Any, Any, list[Answer]] | None = None
 
     @property
     def ended(self) -> bool:
@@ -157,11 +182,34 @@ class PickStream:
     def _route(self, *, headers_only: bool) -> list[Answer]:
         req = self.req
         assert req is not None
+        if self.exchanges.flow_control:
+            self.phase = Phase.ROUTED  # nothing more opens a pick on this stream while it waits
+            self.pending = self._route_async(headers_only)
+            return []
         try:
             ex = self.exchanges.open(req, self.subset, self.received_at)
         except errors.EppError as e:
             return self._fail(e)
+        return self._routed(ex, headers_only)
+
+    async def _route_async(self, headers_only: bool) -> list[Answer]:
+        req = self.req
+        assert req is not None
+        try:
+            ex = await self.exchanges.open_async(req, self.subset, self.received_at)
+        except errors.EppError as e:
+            return self._fail(e)
+        return self._routed(ex, headers_only)
+
+    def take_pending(self) -> Coroutine[Any, Any, list[Answer]] | None:
+        pending, self.pending = self.pending, None
+        return pending
+
+    def _routed(self, ex: Exchange, headers_only: bool) -> list[Answer]:
         self.ex, self.phase = ex, Phase.ROUTED
+        m = self.exchanges.metrics
+        if m is not None:
+            m.request_processed(time.monotonic() - self.received_at)
         d = ex.decision
         return self._pick_answer(d.endpoint.hostport, d.targets, None if headers_only else d.body, d.body_changed,
                                  ex.pick_headers(), d.scores)
@@ -176,8 +224,11 @@ class PickStream:
         return [R.route_on_body(primary, targets, body if changed else None, extra, scores)]
 
     def _fail(self, e: errors.EppError) -> list[Answer]:
-        self.exchanges.failed(self.req, e)
+        xs = self.exchanges
+        xs.failed(self.req, e)
         self.phase = Phase.ENDED
+        if xs.metrics is not None:
+            xs.metrics.request_processed(time.monotonic() - self.received_at)
         return [R.immediate(e)]
 
     # --- response phase (inline layout) -----------------------------------------------
@@ -187,7 +238,10 @@ class PickStream:
             ex.response_seen = True
             hm = msg.response_headers
             h = headers_of(hm)
-            self.exchanges.response_headers(ex, h.get(":status", ""), h.get("content-type", ""), hm.end_of_stream)
+            added = self.exchanges.response_headers(ex, h.get(":status", ""), h.get("content-type", ""),
+                                                    hm.end_of_stream, served_endpoint(msg, h))
+            if added:
+                return [R.response_headers_mutation(added)]
         return [R.CONTINUE_RESPONSE_HEADERS]
 
     def response_body(self, msg: pb.ProcessingRequest) -> list[Answer]:
@@ -207,6 +261,9 @@ class PickStream:
 
     def close(self) -> None:
         """The stream ended, however it ended: release the exchange, or hand it to the observer."""
+        pending = self.take_pending()
+        if pending is not None:
+            pending.close()  # never awaited (the stream ended first): it never queued
         ex = self.ex
         if ex is None or ex.done or ex.observed:
             return

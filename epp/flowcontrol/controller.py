@@ -21,7 +21,9 @@ stop at the first band whose ceiling the saturation reaches (head-of-line blocki
 upstream), else hand the band's next request (fairness picks the flow, ordering its head)
 its turn. After a dispatch the next cycle is scheduled behind the dispatched request's own
 task, so the caller must commit the pick (in-flight +1) before it next awaits; the cycle
-then reads a saturation that counts it. Each waiting request has one timer for its TTL.
+then reads a saturation that counts it. Each waiting request has one timer for its TTL. A
+saturation read from scraped metrics changes with no signal here, so while requests wait
+behind it the controller looks again every `recheck` seconds (the scrape interval); idle, never.
 """
 
 from __future__ import annotations
@@ -65,9 +67,8 @@ class FlowControlError(errors.EppError):
     """A request flow control did not dispatch; `headers` go on the error response."""
 
     def __init__(self, outcome: Outcome, code: str, message: str, reason: str) -> None:
-        super().__init__(code, message, reason=reason)
+        super().__init__(code, message, reason=reason, headers={DROPPED_REASON_HEADER: reason})
         self.outcome = outcome
-        self.headers = {DROPPED_REASON_HEADER: reason}
 
 
 def outcome_error(outcome: Outcome) -> FlowControlError:
@@ -99,8 +100,12 @@ class FlowController:
     """
 
     def __init__(self, config: FlowControlConfig, saturation: Callable[[], float], endpoints: Callable[[], int], *,
-                 metrics: EppMetrics | None = None, pool_name: str = "") -> None:
+                 metrics: EppMetrics | None = None, pool_name: str = "", recheck: float = 0.0) -> None:
         self.config = config
+        # A detector that reads scraped metrics moves without any signal here: while requests wait
+        # behind a saturated pool, look again every `recheck` seconds (0: only on signals).
+        self.recheck = recheck
+        self._recheck_handle: asyncio.TimerHandle | None = None
         self.saturation = saturation
         self.endpoints = endpoints
         self.metrics = metrics
@@ -285,6 +290,12 @@ class FlowController:
             m.flow_dispatch_cycle(time.perf_counter() - started)
         if dispatched and self.count:
             self._schedule_pump()  # runs after the dispatched request's task has committed its pick
+        elif self.count and self.recheck > 0 and self._recheck_handle is None:
+            self._recheck_handle = self._loop.call_later(self.recheck, self._recheck)
+
+    def _recheck(self) -> None:
+        self._recheck_handle = None
+        self.capacity_changed()
 
     def _expire(self, item: Item) -> None:
         if item.live:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 
 import orjson
-import pytest
 
 from epp.server import EppServer
 from tests.extproc_messages import (
@@ -46,9 +45,6 @@ flowControl:
 """
 OBJECTIVES = {"critical": 10, "batch": -1}
 
-# Until the request path awaits flow control (Director.decide_async, Exchanges.open_async, the ext_proc
-# stream and the HTTP pick awaiting them, the server loading the gate), epp refuses the flowControl gate.
-pytestmark = pytest.mark.xfail(strict=True, reason="the request path does not run flow control yet")
 
 
 async def flow_epp(start_epp: StartEpp, ttl: str = "5s", **kw: object) -> EppServer:
