@@ -108,3 +108,170 @@ async def test_kv_usage_counts_a_shared_prefix_once_and_idle_cache_as_free() -> 
         while await s.tokens.get() is not None:
             pass
     assert e.kv_usage == 0.0
+
+
+# --- KV-cache events -------------------------------------------------------------
+
+
+def recording(**kw):
+    from epp.kvevents.events import Event
+
+    e = engine(**kw)
+    got: list[list[Event]] = []
+    e.events = got.append
+    return e, got
+
+
+async def test_kv_events_report_stores_evictions_and_resets_as_vllm_does() -> None:
+    from epp.kvevents.events import AllBlocksCleared, BlockRemoved, BlockStored
+    from epp.kvevents.hashing import simulator_token_ids
+
+    e, got = recording(num_gpu_blocks=16)
+    doc = "a" * (16 * 4 * 3)  # exactly 3 blocks of 16 tokens
+    await run(e, doc + "tail")
+    (first,) = got.pop()
+    assert isinstance(first, BlockStored)
+    assert first.block_hashes == list(e.cache)
+    assert first.parent_block_hash is None
+    assert first.token_ids == simulator_token_ids(doc)
+    assert first.block_size == 16
+    assert first.medium == "GPU"
+    # The same prefix, longer: only the new block is stored, chained on the last cached one.
+    await run(e, doc + "b" * 64)
+    (second,) = got.pop()
+    assert isinstance(second, BlockStored)
+    assert second.parent_block_hash == first.block_hashes[-1]
+    assert len(second.block_hashes) == 1
+    # A prompt that needs the room (6 blocks cached, 7 held while it runs) evicts the oldest block.
+    await run(e, "c" * (16 * 4 * 6))
+    stored, removed = got.pop()
+    assert isinstance(stored, BlockStored)
+    assert len(stored.block_hashes) == 6
+    assert removed == BlockRemoved([first.block_hashes[0]])
+    assert first.block_hashes[0] not in e.cache
+    e.reset_prefix_cache()
+    assert got.pop() == [AllBlocksCleared()]
+    assert not e.cache
+
+
+async def test_a_token_id_prompt_is_cached_by_its_ids() -> None:
+    e, got = recording()
+    ids = list(range(1000, 1040))  # 2 full blocks and 8 tokens
+    seq = e.submit(MODEL, "ignored", 2, token_ids=ids)
+    while await seq.tokens.get() is not None:
+        pass
+    assert seq.prompt_tokens == 40
+    (stored,) = got.pop()
+    assert stored.token_ids == ids[:32]
+    again = e.submit(MODEL, "", 2, token_ids=[*ids[:32], 1])
+    assert again.blocks[:2] == seq.blocks[:2]
+
+
+async def test_lora_blocks_name_their_adapter() -> None:
+    e, got = recording(lora_adapters=["ad"])
+    await run(e, "x" * 64, model="ad")
+    (stored,) = got.pop()
+    assert stored.lora_name == "ad"
+    assert stored.lora_id == 1
+
+
+def test_kv_events_config_is_vllms_json() -> None:
+    from epp.simulator.kv_publisher import parse_kv_events_config
+
+    cfg = parse_kv_events_config('{"enable_kv_cache_events": true, "publisher": "zmq", '
+                                 '"endpoint": "tcp://127.0.0.1:5557", "topic": "kv@pod@m", "buffer_steps": 10}')
+    assert cfg is not None
+    assert (cfg.endpoint, cfg.topic) == ("tcp://127.0.0.1:5557", "kv@pod@m")
+    assert parse_kv_events_config('{"publisher": "null"}') is None
+    for bad in ('{"publisher": "nats"}', '{"endpoint": "x", "colour": 1, "publisher": "zmq"}',
+                '{"publisher": "zmq", "replay_endpoint": "tcp://*:5558"}', "[1]", "{"):
+        with pytest.raises(ValueError):  # noqa: PT011
+            parse_kv_events_config(bad)
+
+
+async def test_a_simulator_publishes_its_cache_over_zmq() -> None:
+    """A request to the server; a subscriber sees its blocks under the token keys a request would have."""
+    import httpx
+
+    from epp.kvevents.hashing import block_keys, root_key, simulator_token_ids
+    from epp.kvevents.index import BlockIndex
+    from epp.kvevents.subscriber import Subscriber
+    from epp.simulator.kv_publisher import KVEventsConfig
+    from epp.simulator.server import SimulatedServer
+    from epp.stack import free_ports
+    from tests.helpers import until
+
+    http_port, zmq_port = free_ports(2)
+    sim = SimulatedServer("s", http_port, EngineConfig(time_scale=0.0),
+                          kv_events=KVEventsConfig(f"tcp://127.0.0.1:{zmq_port}"))
+    await sim.start()
+    sub = Subscriber(BlockIndex())
+    pod = f"127.0.0.1:{http_port}"
+    try:
+        sub.add("central", f"tcp://127.0.0.1:{zmq_port}")
+        prompt = "a shared system prompt, long enough for blocks. " * 8
+        keys = block_keys(root_key(MODEL), simulator_token_ids(prompt), 16)
+        # Events sent before the subscriber joins are lost (ZMQ PUB): probe with resets until one arrives.
+        def joined() -> bool:
+            sim.engine.reset_prefix_cache()
+            return sub.index.publishes(pod)
+
+        await until(joined, what="the subscriber to join")
+        async with httpx.AsyncClient(base_url=f"http://{pod}") as client:
+            r = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1})
+            r.raise_for_status()
+            await until(lambda: sub.index.match(keys, [pod]) == {pod: len(keys)}, what="the blocks")
+            await client.post("/reset_prefix_cache")
+            await until(lambda: sub.index.blocks(pod) == 0, what="the reset")
+    finally:
+        sub.close()
+        await sim.stop()
+
+
+async def test_the_simulator_command_publishes_with_vllms_flag() -> None:
+    """`python -m epp.simulator --kv-events-config '{...}'`: the i-th server publishes on the port plus i."""
+    import json
+    import subprocess
+    import sys
+
+    import httpx
+
+    from epp.kvevents.index import BlockIndex
+    from epp.kvevents.subscriber import Subscriber
+    from epp.stack import free_ports
+    from tests.helpers import until
+
+    p1, p2, z = free_ports(3)
+    cfg = json.dumps({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{z}"})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "epp.simulator", "--ports", f"{p1},{p2}", "--time-scale", "0", "--kv-events-config",
+        cfg, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sub = Subscriber(BlockIndex())
+    try:
+        sub.add("second", f"tcp://127.0.0.1:{z + 1}")
+        pod = f"127.0.0.1:{p2}"
+        async with httpx.AsyncClient(base_url=f"http://{pod}") as client:
+            async def up() -> bool:
+                try:
+                    return (await client.get("/health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            deadline = asyncio.get_running_loop().time() + 20
+            while not await up():
+                assert asyncio.get_running_loop().time() < deadline, "the simulators did not start"
+                await asyncio.sleep(0.05)
+
+            async def joined() -> bool:
+                await client.post("/reset_prefix_cache")
+                return sub.index.publishes(pod)
+
+            while not await joined():
+                assert asyncio.get_running_loop().time() < deadline, "no events from the second server"
+            r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "p" * 256, "max_tokens": 1})
+            r.raise_for_status()
+            await until(lambda: sub.index.blocks(pod) == 4, what="its 4 blocks")
+    finally:
+        sub.close()
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
