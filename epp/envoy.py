@@ -24,6 +24,8 @@ import yaml
 _BOOTSTRAPS = resources.files("epp") / "bootstraps"
 # The layouts: the pick over ext_proc (GIE's protocol), or over HTTP through ext_authz.
 LAYOUTS = {"ext-proc": _BOOTSTRAPS / "envoy.yaml", "http-pick": _BOOTSTRAPS / "envoy-http-pick.yaml"}
+POOL_CLUSTER = "inference_pool"  # the pool's servers, by override_host: retries reach the pick's fallbacks
+ORIGINAL_DST_CLUSTER = "original_destination_cluster"  # any address epp names; no retry elsewhere
 
 
 def bootstrap_text(layout: str) -> str:
@@ -75,6 +77,11 @@ class EnvoyOptions:
     # A file access log of every request, in this format (Envoy's command operators); "" = none.
     access_log_path: str = ""
     access_log_format: str = ""
+    # The pool's servers ("ip:port"), listed in the bootstrap's inference_pool cluster: a request that
+    # cannot reach its pod is retried on the pick's fallbacks, then on another of these. None: the
+    # route goes to the ORIGINAL_DST cluster instead, which follows any address epp names but cannot
+    # retry elsewhere (for a pool Envoy is not told of).
+    pool_endpoints: list[str] | None = None
 
 
 def render(opts: EnvoyOptions) -> dict[str, Any]:
@@ -85,6 +92,7 @@ def render(opts: EnvoyOptions) -> dict[str, Any]:
     listener["address"]["socket_address"].update(address=opts.listen_address, port_value=opts.listen_port)
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     _set_ports(cfg, opts)
+    _set_pool(cfg, hcm, opts.pool_endpoints)
     _add_response_headers(hcm, opts)
     _add_access_log(hcm, opts)
     if opts.layout == "http-pick":
@@ -96,6 +104,9 @@ def render(opts: EnvoyOptions) -> dict[str, Any]:
         return cfg
     filters = hcm["http_filters"]
     ext = next(f for f in filters if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+    if opts.failure_mode_allow and opts.request_body_mode == "FULL_DUPLEX_STREAMED":
+        raise ValueError("FailOpen (failure_mode_allow) needs request_body_mode BUFFERED: Envoy fails a "
+                         "FULL_DUPLEX_STREAMED request closed once its body is on its way to epp")
     ext["failure_mode_allow"] = opts.failure_mode_allow
     mode = ext["processing_mode"]
     mode["request_body_mode"] = opts.request_body_mode
@@ -125,6 +136,26 @@ def _add_access_log(hcm: dict[str, Any], opts: EnvoyOptions) -> None:
         if opts.access_log_format:
             log["log_format"] = {"text_format_source": {"inline_string": opts.access_log_format}}
         hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": log}]
+
+
+def _set_pool(cfg: dict[str, Any], hcm: dict[str, Any], endpoints: list[str] | None) -> None:
+    clusters = cfg["static_resources"]["clusters"]
+    route = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    if endpoints is None:
+        clusters[:] = [c for c in clusters if c["name"] != POOL_CLUSTER]
+        route["cluster"] = ORIGINAL_DST_CLUSTER
+        del route["retry_policy"]  # every try would go to the same address
+        return
+    if not endpoints:
+        raise ValueError("pool_endpoints is empty: give the pool's servers, or None for ORIGINAL_DST routing")
+    clusters[:] = [c for c in clusters if c["name"] != ORIGINAL_DST_CLUSTER]
+    pool = next(c for c in clusters if c["name"] == POOL_CLUSTER)
+    lbs = []
+    for hostport in endpoints:
+        host, _, port = hostport.rpartition(":")
+        address = {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+        lbs.append({"endpoint": {"address": address}})
+    pool["load_assignment"]["endpoints"] = [{"lb_endpoints": lbs}]
 
 
 def _set_ports(cfg: dict[str, Any], opts: EnvoyOptions) -> None:

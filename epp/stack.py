@@ -59,6 +59,8 @@ class StackOptions:
     tls: bool = True  # epp serves ext_proc over TLS (its default) and Envoy speaks TLS to it
     envoy: EnvoyOptions | None = None  # overrides the above when given (ports are filled in)
     base_port: int | None = None
+    # One process per simulated server (each can be killed alone, as a pod), instead of one for all.
+    process_per_server: bool = False
 
 
 class Stack:
@@ -73,6 +75,7 @@ class Stack:
         (self.grpc_port, self.health_port, self.metrics_port, self.listen_port, self.admin_port,
          self.http_pick_port, self.explain_port) = ports[n:]
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.sim_procs: list[subprocess.Popen[bytes]] = []
         self.envoy: EnvoyProcess | None = None
         self._logdir = tempfile.TemporaryDirectory(prefix="epp-stack-")
         self.logdir = Path(self._logdir.name)
@@ -103,13 +106,26 @@ class Stack:
             return ""
 
     def start_simulators(self) -> None:
-        self._spawn("simulators", [
-            sys.executable, "-m", "epp.simulator", "--ports", ",".join(map(str, self.sim_ports)),
-            *self.opts.sim_args,
-        ])
+        if self.opts.process_per_server:
+            self.sim_procs = [self._spawn(f"simulator-{i}", [
+                sys.executable, "-m", "epp.simulator", "--ports", str(port), "--name-prefix", f"sim{i}",
+                *self.opts.sim_args]) for i, port in enumerate(self.sim_ports)]
+        else:
+            self.sim_procs = [self._spawn("simulators", [
+                sys.executable, "-m", "epp.simulator", "--ports", ",".join(map(str, self.sim_ports)),
+                *self.opts.sim_args,
+            ])]
         for port in self.sim_ports:
             wait_until(lambda p=port: _http_ok(f"http://127.0.0.1:{p}/health"), 30,
                        f"simulator on port {port}\n{self.log('simulators')}")
+
+    def kill_simulator(self, index: int) -> None:
+        """SIGKILL one server's process, as a pod that dies (needs process_per_server)."""
+        if not self.opts.process_per_server:
+            raise RuntimeError("kill_simulator needs StackOptions(process_per_server=True)")
+        proc = self.sim_procs[index]
+        proc.kill()
+        proc.wait()
 
     def start_epp(self, extra: list[str] | None = None) -> subprocess.Popen[bytes]:
         proc = self._spawn("epp", [
@@ -135,6 +151,8 @@ class Stack:
         eo.listen_port, eo.extproc_port, eo.admin_port = self.listen_port, self.grpc_port, self.admin_port
         eo.http_pick_port = self.http_pick_port
         eo.extproc_tls = self.opts.tls
+        if eo.pool_endpoints is None:
+            eo.pool_endpoints = self.endpoints  # Envoy knows the pool: it retries on the pick's fallbacks
         if self.opts.envoy is None:
             eo.layout = self.opts.layout
             eo.request_body_mode = self.opts.request_body_mode

@@ -12,8 +12,11 @@ disabled by default; each route, or each weighted cluster of a split, enables th
 pointed at its pool's picker. Envoy chooses the pool (the weighted cluster) when it
 matches the route, so the pool's own picker chooses the pod. Each pool is an EDS
 cluster of its ready pods with the override_host load balancer: Envoy sends a request
-to the pod named by the pick (x-gateway-destination-endpoint) and, for a FailOpen pool
-whose picker is unreachable, round robin among the pool's pods; never outside the pool.
+to the pod named by the pick (envoy.lb metadata x-gateway-destination-endpoint), a
+retry of one that never reached its pod to the pick's next fallback, and, once those
+are used up or for a FailOpen pool whose picker is unreachable, round robin among the
+pool's pods; never outside the pool. The retry policy and the JSON bodies of Envoy's
+own errors are the shipped bootstrap's.
 
 RequestMirror: the copy goes to a second, internal listener on loopback, which routes
 it (by a header naming the mirror pool) through that pool's picker like any request.
@@ -42,18 +45,20 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401 - the local replies' filter
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401 - the bootstrap's router type
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.extensions.load_balancing_policies.override_host.v3 import override_host_pb2
 from envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401 - the retries' predicate
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.metadata.v3 import metadata_pb2
 from envoy.type.v3 import http_status_pb2, percent_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, message, wrappers_pb2
 
-from epp.envoy import bootstrap_text
+from epp.envoy import POOL_CLUSTER, bootstrap_text
 from epp.gateway.httproute import Backend, HeaderEdits, Match, Mirror, PoolRef, Rule
 from epp.gateway.manifests import GatewaySpec, Listener, Pool
 from epp.protocol import DESTINATION_HEADER, DESTINATION_NAMESPACE, EXCHANGE_HEADER, HANDOFF_HEADER
@@ -130,7 +135,7 @@ def _ads() -> config_source_pb2.ConfigSource:
 def _thresholds() -> circuit_breaker_pb2.CircuitBreakers:
     t = circuit_breaker_pb2.CircuitBreakers.Thresholds(
         max_connections=wrappers_pb2.UInt32Value(value=_BIG), max_pending_requests=wrappers_pb2.UInt32Value(value=_BIG),
-        max_requests=wrappers_pb2.UInt32Value(value=_BIG))
+        max_requests=wrappers_pb2.UInt32Value(value=_BIG), max_retries=wrappers_pb2.UInt32Value(value=_BIG))
     return circuit_breaker_pb2.CircuitBreakers(thresholds=[t])
 
 
@@ -157,11 +162,12 @@ def _static_cluster(name: str, address: str, port: int, *, h2: bool) -> cluster_
 
 
 def _pool_cluster(ref: PoolRef) -> cluster_pb2.Cluster:
-    """The pool's pods (EDS): the pick names one; without a pick (FailOpen), round robin among them."""
+    """The pool's pods (EDS): the pick and its fallbacks, in turn; then (or without a pick: FailOpen)
+    round robin among them. Only the metadata names them: the header carries the pick alone, and
+    Envoy would try the hosts of both sources, the pick twice."""
     name = pool_cluster(ref)
     override = override_host_pb2.OverrideHost(
         override_host_sources=[
-            override_host_pb2.OverrideHost.OverrideHostSource(header=DESTINATION_HEADER),
             override_host_pb2.OverrideHost.OverrideHostSource(metadata=metadata_pb2.MetadataKey(
                 key=DESTINATION_NAMESPACE, path=[metadata_pb2.MetadataKey.PathSegment(key=DESTINATION_HEADER)])),
         ],
@@ -170,7 +176,8 @@ def _pool_cluster(ref: PoolRef) -> cluster_pb2.Cluster:
                 name="envoy.load_balancing_policies.round_robin", typed_config=_any(round_robin_pb2.RoundRobin())))]),
     )
     return cluster_pb2.Cluster(
-        name=name, type=cluster_pb2.Cluster.EDS, connect_timeout=_seconds(10), circuit_breakers=_thresholds(),
+        name=name, type=cluster_pb2.Cluster.EDS, connect_timeout=_SHIPPED_POOL_CONNECT_TIMEOUT,
+        circuit_breakers=_thresholds(),
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=name),
         load_balancing_policy=cluster_pb2.LoadBalancingPolicy(policies=[cluster_pb2.LoadBalancingPolicy.Policy(
             typed_extension_config=extension_pb2.TypedExtensionConfig(
@@ -210,6 +217,22 @@ def _shipped_filters() -> tuple[hcm.HttpFilter, hcm.HttpFilter, hcm.HttpFilter]:
 _PICK, _OBSERVER, _ROUTER = _shipped_filters()
 
 
+def _shipped_reliability() -> tuple[hcm.LocalReplyConfig, rc.RetryPolicy, duration_pb2.Duration]:
+    """The shipped ext_proc bootstrap's JSON bodies for Envoy's own errors, its route's retry policy
+    and its pool's connect timeout (the only per-try bound)."""
+    boot = yaml.safe_load(bootstrap_text("ext-proc"))
+    hcm_cfg = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    replies = json_format.ParseDict(hcm_cfg["local_reply_config"], hcm.LocalReplyConfig())
+    retry = json_format.ParseDict(hcm_cfg["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["retry_policy"],
+                                  rc.RetryPolicy())
+    pool = next(c for c in boot["static_resources"]["clusters"] if c["name"] == POOL_CLUSTER)
+    timeout = json_format.ParseDict(pool["connect_timeout"], duration_pb2.Duration())
+    return replies, retry, timeout
+
+
+_LOCAL_REPLIES, _RETRY, _SHIPPED_POOL_CONNECT_TIMEOUT = _shipped_reliability()
+
+
 def _bbr_filter() -> hcm.HttpFilter:
     mode = processing_mode_pb2.ProcessingMode
     cfg = ext_proc_pb2.ExternalProcessor(
@@ -229,7 +252,7 @@ def _listener(name: str, address: str, port: int, route_name: str, stat_prefix: 
         stat_prefix=stat_prefix, codec_type=hcm.HttpConnectionManager.AUTO,
         stream_idle_timeout=_seconds(STREAM_IDLE), strip_any_host_port=True,
         rds=hcm.Rds(config_source=_ads(), route_config_name=route_name),
-        http_filters=[_bbr_filter(), _PICK, _OBSERVER, _ROUTER],
+        http_filters=[_bbr_filter(), _PICK, _OBSERVER, _ROUTER], local_reply_config=_LOCAL_REPLIES,
     )
     return listener_pb2.Listener(
         name=name, address=_socket(address, port),
@@ -241,6 +264,13 @@ def _pick_config(ref: PoolRef, fail_open: bool) -> dict[str, any_pb2.Any]:
     """Per-route filter configs that send the pick and the observer to this pool's picker."""
     pick = ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides(
         grpc_service=_grpc(picker_cluster(ref)), failure_mode_allow=wrappers_pb2.BoolValue(value=fail_open)))
+    if fail_open:
+        # Envoy fails a FULL_DUPLEX_STREAMED request closed once its body is on its way to the picker,
+        # whatever failure_mode_allow says; a buffered body can still go on without a pick.
+        cfg = ext_proc_pb2.ExternalProcessor()
+        _PICK.typed_config.Unpack(cfg)
+        pick.overrides.processing_mode.CopyFrom(cfg.processing_mode)
+        pick.overrides.processing_mode.request_body_mode = processing_mode_pb2.ProcessingMode.BUFFERED
     observer = ext_proc_pb2.ExtProcPerRoute(overrides=ext_proc_pb2.ExtProcOverrides(
         grpc_service=_grpc(picker_cluster(ref))))
     return {PICK_FILTER: _any(pick), OBSERVER_FILTER: _any(observer)}
@@ -311,7 +341,8 @@ def _action(rule: Rule, spec: GatewaySpec) -> tuple[rc.RouteAction | None, dict[
     live: list[Backend] = [b for b in rule.backends if b.weight > 0]
     if not live:
         return None, {}
-    action = rc.RouteAction(timeout=_seconds(rule.timeout or 0), idle_timeout=_seconds(STREAM_IDLE))
+    action = rc.RouteAction(timeout=_seconds(rule.timeout or 0), idle_timeout=_seconds(STREAM_IDLE),
+                            retry_policy=_RETRY)
     per_route: dict[str, any_pb2.Any] = {}
     if len(live) == 1:
         pool = live[0].pool
@@ -409,7 +440,7 @@ def _mirror_routes(spec: GatewaySpec) -> route_pb2.RouteConfiguration:
         match = rc.RouteMatch(prefix="/", headers=[rc.HeaderMatcher(
             name=MIRROR_POOL_HEADER, string_match=string_pb2.StringMatcher(exact=str(pool)))])
         route = rc.Route(name=f"mirror/{pool}", match=match, route=rc.RouteAction(
-            cluster=pool_cluster(pool), timeout=_seconds(0), idle_timeout=_seconds(STREAM_IDLE)))
+            cluster=pool_cluster(pool), timeout=_seconds(0), idle_timeout=_seconds(STREAM_IDLE), retry_policy=_RETRY))
         for k, v in _pick_config(pool, spec.pools[pool].fail_open).items():
             route.typed_per_filter_config[k].CopyFrom(v)
         route.request_headers_to_remove.append(MIRROR_POOL_HEADER)

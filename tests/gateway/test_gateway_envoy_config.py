@@ -155,3 +155,45 @@ def test_a_draining_pool_keeps_its_clusters_and_endpoints(tmp_path: Path) -> Non
     kept = envoy_config.build(after, ports, {NEW: before.pools[NEW]})
     assert {"pool|default|llm-new", "picker|default|llm-new"} <= set(kept[CLUSTER])
     assert len(kept[ENDPOINT]["pool|default|llm-new"].endpoints[0].lb_endpoints) == 2
+
+
+def test_a_request_that_never_reached_its_pod_is_retried_on_the_picks_fallbacks(tmp_path: Path) -> None:
+    """The shipped bootstrap's retry policy on every route to a pool, a pool cluster that reads the pick's
+    whole list (the metadata: the header names the pick alone), and the JSON bodies of Envoy's own errors."""
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.extensions.load_balancing_policies.override_host.v3 import override_host_pb2
+
+    res = build(tmp_path, route(SPLIT))
+    split = routes_of(res).virtual_hosts[0].routes[0]
+    retry = split.route.retry_policy
+    assert retry.retry_on == "connect-failure,refused-stream,reset-before-request"
+    assert retry.num_retries.value == 2
+    assert [p.name for p in retry.retry_host_predicate] == ["envoy.retry_host_predicates.previous_hosts"]
+    assert not retry.HasField("per_try_timeout")  # a long generation is never cut by a try's deadline
+    pool: cluster_pb2.Cluster = res[CLUSTER]["pool|default|llm"]
+    assert pool.connect_timeout.seconds == 2
+    override = override_host_pb2.OverrideHost()
+    pool.load_balancing_policy.policies[0].typed_extension_config.typed_config.Unpack(override)
+    sources = [(s.header, s.metadata.key, [p.key for p in s.metadata.path]) for s in override.override_host_sources]
+    assert sources == [("", "envoy.lb", ["x-gateway-destination-endpoint"])]
+    manager = hcm.HttpConnectionManager()
+    res[LISTENER]["port-8080"].filter_chains[0].filters[0].typed_config.Unpack(manager)
+    bodies = [m.body_format_override.text_format_source.inline_string for m in manager.local_reply_config.mappers]
+    assert any('"code":"endpoint_picker_unavailable"' in b for b in bodies), bodies
+
+
+def test_a_failopen_pool_buffers_the_body_so_that_it_can_go_on_without_a_pick(tmp_path: Path) -> None:
+    """Envoy fails a FULL_DUPLEX_STREAMED request closed once its body is on its way, whatever
+    failure_mode_allow says: a FailOpen pool's pick buffers it instead."""
+    (tmp_path / "gateway.yaml").write_text(GATEWAY)
+    (tmp_path / "pools.yaml").write_text(POOLS.replace("failureMode: FailClose", "failureMode: FailOpen", 1))
+    (tmp_path / "route0.yaml").write_text(route(SPLIT).replace("name: r}", "name: r0}"))
+    res = envoy_config.build(manifests.load([str(tmp_path)]),
+                             Ports({LLM: 9100, NEW: 9101}, 18000, 18001, "127.0.0.1", {80: 8080}))
+    opened, closed = routes_of(res).virtual_hosts[0].routes[0].route.weighted_clusters.clusters
+    fail_open = per_route(opened, envoy_config.PICK_FILTER).overrides
+    assert fail_open.failure_mode_allow.value is True
+    assert fail_open.processing_mode.request_body_mode == fail_open.processing_mode.BUFFERED
+    fail_close = per_route(closed, envoy_config.PICK_FILTER).overrides
+    assert fail_close.failure_mode_allow.value is False
+    assert not fail_close.HasField("processing_mode")
