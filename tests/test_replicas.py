@@ -5,7 +5,9 @@ Deployment of two epp pods behind one Service gives Envoy. Each replica names it
 its own random prefix (`x-epp-request-id`), which Envoy echoes back here, so each answer says
 which replica picked it. A steady open-loop load runs; once both replicas have served picks, one
 is SIGKILLed. Requests in flight at that moment may fail (they are counted); every request sent
-after it must succeed, picked by the survivor.
+after it must succeed, picked by the survivor. With each replica in a priority of its own (the layout
+docs/deployment.md recommends for the two-filter bootstrap), the replica that picks a request also
+watches its response, before and after a failover.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def start_gateway(layout: str, logdir: str) -> tuple[ReplicatedEnvoy, list[Repli
         for r in replicas:
             r.wait_serving()
         listen, admin = free_ports(2)
-        envoy = ReplicatedEnvoy(EnvoyOptions(listen, replicas[0].grpc_port, admin,
+        envoy = ReplicatedEnvoy(EnvoyOptions(listen, replicas[0].grpc_port, admin, pool_endpoints=sims.endpoints,
                                              observe_responses=layout == "observed",
                                              response_headers_to_add={ECHO: "%REQ(x-epp-request-id)%"}),
                                 [r.grpc_port for r in replicas])
@@ -193,7 +195,10 @@ OBSERVER_ON_THE_OTHER_REPLICA = (
     "ext_proc cluster, each balanced on its own (ROUND_ROBIN); with two replicas, a request's observer "
     "stream lands on the replica that did not pick it, which cannot claim the exchange: the picks pile "
     "onto one replica (about 99 of 100), and no response is ever observed (in-flight counts held for "
-    "observer_grace, not the response; TTFT and token metrics never recorded)"
+    "observer_grace, not the response; TTFT and token metrics never recorded). The ext_proc cluster's balancer has no "
+    "key of the request with which to send both of its streams alike (the gRPC streams carry only static "
+    "metadata); replicas in priorities of their own share nothing but are observed "
+    "(test_replicas_in_priorities_see_the_responses_of_their_own_picks)"
 )
 
 
@@ -251,3 +256,64 @@ async def test_one_replica_killed_mid_run_the_other_carries_the_load(gateway: An
         "after the kill")
     assert len(picks_by_replica(after)) == 1, "after the kill, one replica picks"
     assert survivor.proc.poll() is None
+
+
+class StandbyEnvoy(ReplicatedEnvoy):
+    """Each replica in a priority of its own: Envoy sends every stream, picks and observers alike, to the
+    highest healthy one, and the next takes over when it fails (ejected at its first failed connection)."""
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        cluster = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "ext_proc")
+        (locality,) = cluster["load_assignment"]["endpoints"]
+        cluster["load_assignment"]["endpoints"] = [
+            {"priority": i, "lb_endpoints": [lb]} for i, lb in enumerate(locality["lb_endpoints"])]
+        return cfg
+
+
+def responses_observed(replica: Replica) -> float:
+    """inference_objective_output_tokens_count: responses whose end (and usage) the replica saw."""
+    text = httpx.get(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("inference_objective_output_tokens_count{"))
+
+
+def test_replicas_in_priorities_see_the_responses_of_their_own_picks(tmp_path: Any) -> None:
+    """The two-filter layout with several replicas, as docs/deployment.md recommends it: one replica per
+    priority. The picking replica is the observing one, before and after a failover."""
+    sims = Stack(StackOptions(servers=2, sim_args=["--time-scale", "0.1"]))
+    replicas: list[Replica] = []
+    envoy: StandbyEnvoy | None = None
+    body = {"model": MODEL, "prompt": "one replica at a time " * 10, "max_tokens": 4}
+    try:
+        sims.start_simulators()
+        replicas = [Replica(f"epp-{i}", sims.endpoints, str(tmp_path)) for i in range(2)]
+        for r in replicas:
+            r.wait_serving()
+        listen, admin = free_ports(2)
+        envoy = StandbyEnvoy(EnvoyOptions(listen, replicas[0].grpc_port, admin, pool_endpoints=sims.endpoints,
+                                          response_headers_to_add={ECHO: "%REQ(x-epp-request-id)%"}),
+                             [r.grpc_port for r in replicas])
+        envoy.start()
+        envoy.wait_ready(30)
+        wait_until(lambda: envoy.healthy_replicas() == {r.grpc_port for r in replicas}, 30, "both replicas healthy")
+        with httpx.Client(base_url=envoy.url, timeout=10) as client:
+            keys = set()
+            for _ in range(20):
+                r = client.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                keys.add(replica_key(r.headers))
+            assert len(keys) == 1, f"picks by {keys}: the standby took some"
+            primary, standby = replicas
+            wait_until(lambda: responses_observed(primary) == 20, 10, "the primary to observe its 20 responses")
+            assert responses_observed(standby) == 0
+            os.kill(primary.proc.pid, signal.SIGKILL)
+            primary.proc.wait()
+            # The first request may meet the dead replica (FailClose: 503); the ejection moves every later one.
+            wait_until(lambda: client.post("/v1/completions", json=body).status_code == 200, 15, "the failover")
+            for _ in range(10):
+                assert client.post("/v1/completions", json=body).status_code == 200
+        wait_until(lambda: responses_observed(standby) >= 11, 10, "the standby to observe its own picks' responses")
+        assert picks_counted(standby) == responses_observed(standby)
+    finally:
+        stop_gateway(envoy, replicas, sims)
