@@ -7,6 +7,9 @@ metrics); `finish` releases it once.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import orjson
 import pytest
 
@@ -16,8 +19,9 @@ from epp.metrics import EppMetrics
 from epp.requests import InferenceRequest, new_request, parse_body
 from epp.rewrites import ModelRewrites, RewriteRule
 from epp.scheduling.framework import PrefixIndexHolder
+from epp.scheduling.picker_config import load_text
 from epp.scheduling.plugins.prefill_load_scorer import PrefillLoadScorer
-from tests.helpers import director, endpoint
+from tests.helpers import director, endpoint, until
 
 DOC = "a long shared document. " * 100
 
@@ -176,3 +180,74 @@ def test_a_pod_epp_cannot_see_gets_no_picks_while_one_it_can_see_exists() -> Non
     assert len(blind.candidates(None)) == 2
     # The proxy's subset hint narrows first: a hint naming only unseen pods still routes.
     assert d.candidates([unknown.hostport]) == [unknown]
+
+
+FILTER_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: header-based-testing-filter
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: header-based-testing-filter}, {pluginRef: max-score-picker}]
+"""
+
+
+def test_a_scheduling_cycle_that_finds_no_endpoint_counts_as_a_failed_attempt() -> None:
+    metrics = EppMetrics()
+    d = director(endpoint(1), metrics=metrics, config=load_text(FILTER_CONFIG))
+    with pytest.raises(EppError) as e:
+        d.decide(req())  # no selection header: the filter keeps nothing
+    assert e.value.http_status == 503
+    failed = {"status": "failure", "target_model_name": "m", "pod_name": "", "namespace": "", "port": ""}
+    assert sample(metrics, "inference_extension_scheduler_attempts_total", **failed) == 1
+    llmd = {**{k: v for k, v in failed.items() if k != "pod_name"}, "endpoint_name": ""}
+    assert sample(metrics, "llm_d_epp_scheduler_attempts_total", **llmd) == 1
+    d.dry_run(req())  # explain's dry run is not an attempt
+    assert sample(metrics, "inference_extension_scheduler_attempts_total", **failed) == 1
+
+
+def test_each_pick_is_logged_once_at_debug_with_its_scores(caplog: pytest.LogCaptureFixture) -> None:
+    d = director(endpoint(1), endpoint(2))
+    with caplog.at_level(logging.INFO, logger="epp.pick"):
+        d.decide(req())
+    assert not [r for r in caplog.records if r.name == "epp.pick"]  # off unless epp.pick logs at debug
+    with caplog.at_level(logging.DEBUG, logger="epp.pick"):
+        decision = d.decide(req())
+    lines = [r for r in caplog.records if r.name == "epp.pick"]
+    assert len(lines) == 1
+    fields = lines[0].fields  # type: ignore[attr-defined]
+    assert fields["endpoint"] == decision.endpoint.hostport
+    assert set(fields["scores"]) == {ep.hostport for ep in d.datastore.ready_endpoints()}
+
+
+FLOW_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: concurrency-detector
+  parameters: {maxConcurrency: 1}
+- type: queue-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: queue-scorer}, {pluginRef: max-score-picker}]
+flowControl:
+  saturationDetector: {pluginRef: concurrency-detector}
+"""
+
+
+async def test_with_flow_control_a_sheddable_request_waits_for_a_slot_instead_of_429() -> None:
+    d = director(endpoint(1), config=load_text(FLOW_CONFIG, runs_flow_control=True))
+    assert d.flow is not None
+    first = await d.decide_async(req())
+    batch = asyncio.ensure_future(d.decide_async(req("batch")))
+    await until(lambda: d.flow is not None and d.flow.count == 1, what="the batch request to wait")
+    assert not batch.done()
+    d.finish(req(), first)  # the slot frees: a capacity signal, no polling
+    decision = await asyncio.wait_for(batch, 5)
+    assert decision.endpoint.inflight == 1
+    d.finish(req("batch"), decision)
+    assert decision.endpoint.inflight == 0

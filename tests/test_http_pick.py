@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import orjson
 import pytest
 
@@ -102,3 +105,51 @@ async def test_an_unparsable_request_never_logs_its_bytes(epp: EppServer, caplog
     writer.close()
     assert status.split()[1] == b"400"
     assert "sss" not in caplog.text
+
+
+async def test_a_connection_trickling_its_headers_is_closed_after_the_header_timeout(start_epp: StartEpp) -> None:
+    server = await start_epp(http_pick=True, http_pick_header_timeout=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.opts.http_pick_port)
+    head = b"POST /pick/v1/completions HTTP/1.1\r\nhost: epp\r\nx-padding: " + b"a" * 200 + b"\r\n\r\n"
+    started = time.monotonic()
+    sent = 0
+    closed = asyncio.ensure_future(reader.read())  # b"" once epp closes the connection
+    for byte in head:  # a slowloris: 20 bytes a second, never finishing the headers in time
+        if closed.done():
+            break
+        try:
+            writer.write(bytes([byte]))
+            await writer.drain()
+        except ConnectionError:
+            break
+        sent += 1
+        await asyncio.wait([closed], timeout=0.05)  # the client's pace, not a synchronisation
+    assert await asyncio.wait_for(closed, 5) == b""
+    assert sent < len(head)  # closed before the headers were complete
+    assert 0.4 < time.monotonic() - started < 3.0
+    writer.close()
+
+
+async def test_a_kept_alive_connection_idle_between_requests_stays_open(start_epp: StartEpp) -> None:
+    server = await start_epp(http_pick=True, http_pick_header_timeout=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.opts.http_pick_port)
+    body = completion()
+    request = (b"POST /pick/v1/completions HTTP/1.1\r\nhost: epp\r\ncontent-type: application/json\r\n"
+               b"content-length: %d\r\n\r\n" % len(body) + body)
+    for _ in range(2):
+        writer.write(request)
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 5)
+        assert status.startswith(b"HTTP/1.1 200"), status
+        while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b""):
+            pass
+        # Idle for longer than the header timeout: the timeout counts from a request's first byte only.
+        assert not await asyncio.wait_for(_closed_within(reader, 0.6), 5)
+    writer.close()
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), seconds) == b""
+    except TimeoutError:
+        return False

@@ -6,7 +6,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from epp.server import EppServer
+from epp.errors import ConfigError
+from epp.server import EppServer, ServeOptions
 
 
 async def test_health_serving_once_pool_known(epp: EppServer) -> None:
@@ -97,3 +98,38 @@ async def test_metrics_over_tls_with_client_certificates(start_epp, tmp_path) ->
     async with httpx.AsyncClient(verify=no_cert) as http:
         with pytest.raises(httpx.HTTPError):
             await http.get(f"https://localhost:{port}/metrics")
+
+
+REWRITE = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceModelRewrite
+metadata: {name: rollout, namespace: default}
+spec:
+  poolRef: {name: default}
+  rules:
+  - matches: [{model: {value: food-review}}]
+    targets: [{modelRewrite: food-review-v1, weight: 90}, {modelRewrite: food-review-v2, weight: 10}]
+"""
+
+
+async def test_models_the_rewrites_name_keep_their_metric_label_past_the_label_limit(start_epp, tmp_path) -> None:
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text(REWRITE)
+    server = await start_epp(pool_file=str(pool_file))
+    models = server.metrics.models
+    for i in range(models.limit):  # clients send many made-up model names
+        models(f"made-up-{i}")
+    assert models("yet-another") == "other"
+    for name in ("food-review", "food-review-v1", "food-review-v2"):
+        assert models(name) == name
+
+
+async def test_tracing_without_the_opentelemetry_sdk_is_a_start_up_error_that_says_what_to_install() -> None:
+    try:
+        import opentelemetry.sdk  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("the OpenTelemetry SDK is installed here")
+    with pytest.raises(ConfigError, match="pip install opentelemetry-sdk"):
+        EppServer(ServeOptions(endpoints=["127.0.0.1:1"], tracing=True))

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 
+from epp.extproc import responses as R
 from epp.server import EppServer
 from tests.extproc_messages import (
     FULL,
     MODEL,
     SSE_HEADERS,
     Observer,
+    Stream,
     body_msg,
     completion,
     dest_header,
@@ -22,8 +24,10 @@ from tests.extproc_messages import (
     observer_headers,
     pick_key,
     response_body_msg,
+    response_headers_msg,
+    set_headers,
 )
-from tests.helpers import until
+from tests.helpers import StartEpp, until
 
 
 def sample(epp: EppServer, name: str) -> float:
@@ -71,3 +75,53 @@ async def test_observer_for_an_unknown_exchange_is_closed_at_once(epp: EppServer
     obs.send(observer_headers("not-ours-1"))
     assert await obs.responses() == []
     assert all(ep.inflight == 0 for ep in epp.datastore.all_endpoints())
+
+
+VERIFIER_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: max-score-picker
+- type: destination-endpoint-served-verifier
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: queue-scorer}, {pluginRef: max-score-picker}]
+"""
+
+
+async def test_plugins_response_headers_reach_the_client_with_the_endpoint_the_proxy_served(
+        start_epp: StartEpp) -> None:
+    server = await start_epp(config_text=VERIFIER_CONFIG)
+    for served_by in ("metadata", "header", None):
+        s = Stream(server)
+        s.send(headers_msg(), body_msg(completion()))
+        picked = dest_header((await s.read(2))[1].request_body.response)
+        rh = response_headers_msg(200, "application/json")
+        if served_by == "metadata":  # as Envoy reports it: the request's envoy.lb metadata
+            rh.metadata_context.filter_metadata["envoy.lb"].fields[
+                "x-gateway-destination-endpoint-served"].string_value = picked
+        elif served_by == "header":
+            rh.response_headers.headers.headers.add(key="x-gateway-destination-endpoint-served",
+                                                    raw_value=picked.encode())
+        s.send(rh)
+        added = set_headers((await s.read(1))[0].response_headers.response)
+        expected = picked if served_by else "fail: missing destination endpoint served metadata"
+        assert added["x-conformance-test-served-endpoint"] == expected
+        s.send(response_body_msg(b"{}", eos=True))
+        await s.read(1)
+        s.close()
+        await s.rest()
+    await until(lambda: len(server.exchanges) == 0, what="every exchange to finish")
+
+
+async def test_without_response_header_plugins_the_response_headers_pass_unchanged(epp: EppServer) -> None:
+    s = Stream(epp)
+    s.send(headers_msg(), body_msg(completion()))
+    await s.read(2)
+    s.send(response_headers_msg(200, "application/json"))
+    assert (await s.read(1))[0].SerializeToString() == R.CONTINUE_RESPONSE_HEADERS
+    s.send(response_body_msg(b"{}", eos=True))
+    await s.read(1)
+    s.close()
+    await s.rest()
