@@ -168,16 +168,52 @@ def _set_ports(cfg: dict[str, Any], opts: EnvoyOptions) -> None:
             sa["socket_address"].update(address=opts.extproc_address, port_value=ports[cluster["name"]])
 
 
-class EnvoyProcess:
+class EnvoyChild:
+    """An Envoy child process, its bootstrap and its log in a directory of its own, removed at `stop()`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._dir = tempfile.TemporaryDirectory(prefix=prefix)
+        self.config_path = Path(self._dir.name) / "envoy.yaml"
+        self.log_path = Path(self._dir.name) / "envoy.log"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def spawn(self, args: list[str]) -> None:
+        """Start Envoy with these arguments (after the binary), its output to the log."""
+        # No preexec hook: fork handlers and gRPC's threads do not mix. stop() ends Envoy.
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([envoy_binary(), *args], stdout=log, stderr=subprocess.STDOUT)
+
+    def logs(self, tail: int = 4000) -> str:
+        """The end of Envoy's log, for an error message."""
+        try:
+            return self.log_path.read_text(errors="replace")[-tail:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL after 10 s; then the directory goes."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._dir.cleanup()
+
+
+class EnvoyProcess(EnvoyChild):
     """An Envoy child process with its rendered bootstrap; a context manager."""
 
     def __init__(self, opts: EnvoyOptions, log_level: str = "warning") -> None:
+        super().__init__("epp-envoy-")
         self.opts = opts
         self.log_level = log_level
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._dir = tempfile.TemporaryDirectory(prefix="epp-envoy-")
-        self.config_path = Path(self._dir.name) / "envoy.yaml"
-        self.log_path = Path(self._dir.name) / "envoy.log"
 
     @property
     def url(self) -> str:
@@ -189,12 +225,8 @@ class EnvoyProcess:
 
     def start(self) -> EnvoyProcess:
         self.config_path.write_text(yaml.safe_dump(self.config()))
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [envoy_binary(), "-c", str(self.config_path), "--log-level", self.log_level,
-                 "--base-id", str(self.opts.admin_port), "--concurrency", "1", "--disable-hot-restart"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )
+        self.spawn(["-c", str(self.config_path), "--log-level", self.log_level, "--base-id", str(self.opts.admin_port),
+                    "--concurrency", "1", "--disable-hot-restart"])
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -219,22 +251,6 @@ class EnvoyProcess:
                 last = str(e)
             time.sleep(0.05)
         raise TimeoutError(f"envoy not ready after {timeout}s ({last}):\n{self.logs()}")
-
-    def logs(self) -> str:
-        try:
-            return self.log_path.read_text()[-4000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._dir.cleanup()
 
     def __enter__(self) -> EnvoyProcess:
         return self.start()

@@ -6,17 +6,14 @@ edit of the manifests.
 
 from __future__ import annotations
 
-import subprocess
-import tempfile
 import time
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
-from epp.envoy import envoy_binary
+from epp.envoy import EnvoyChild
 
 BOOTSTRAP = resources.files("epp.gateway") / "bootstrap.yaml"
 
@@ -34,30 +31,21 @@ def bootstrap(xds_port: int, admin_port: int, xds_address: str = "127.0.0.1", no
     return header + yaml.safe_dump(cfg, sort_keys=False)
 
 
-class GatewayEnvoy:
-    """An Envoy child process; `stop()` ends it."""
+class GatewayEnvoy(EnvoyChild):
+    """The gateway's Envoy child process; `stop()` ends it."""
 
     def __init__(self, xds_port: int, admin_port: int, *, concurrency: int = 0, log_level: str = "warning",
                  drain_seconds: float = 30.0) -> None:
+        super().__init__("epp-gateway-envoy-")
         self.admin_port = admin_port
-        self._dir = tempfile.TemporaryDirectory(prefix="epp-gateway-envoy-")
-        self.config_path = Path(self._dir.name) / "envoy.yaml"
-        self.log_path = Path(self._dir.name) / "envoy.log"
         self.config_path.write_text(bootstrap(xds_port, admin_port), encoding="utf-8")
-        self.args = [envoy_binary(), "-c", str(self.config_path), "--log-level", log_level,
+        self.args = ["-c", str(self.config_path), "--log-level", log_level,
                      "--base-id", str(admin_port), "--disable-hot-restart", "--drain-time-s", str(int(drain_seconds))]
         if concurrency:
             self.args += ["--concurrency", str(concurrency)]
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        # No preexec hook: fork handlers and gRPC's threads do not mix. stop() ends Envoy.
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        self.spawn(self.args)
 
     def wait_live(self, timeout: float = 30.0) -> None:
         """Until Envoy's admin says it is LIVE (initialised, listeners warm)."""
@@ -75,19 +63,3 @@ class GatewayEnvoy:
                 last = str(e)
             time.sleep(0.05)
         raise TimeoutError(f"envoy not live after {timeout}s ({last}):\n{self.logs()}")
-
-    def logs(self, tail: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-tail:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._dir.cleanup()
