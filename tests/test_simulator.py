@@ -228,8 +228,14 @@ async def test_a_simulator_publishes_its_cache_over_zmq() -> None:
         await sim.stop()
 
 
+def test_several_servers_of_one_process_publish_on_consecutive_ports() -> None:
+    from epp.simulator.kv_publisher import offset_endpoint
+
+    assert [offset_endpoint("tcp://*:5557", i) for i in range(3)] == ["tcp://*:5557", "tcp://*:5558", "tcp://*:5559"]
+
+
 async def test_the_simulator_command_publishes_with_vllms_flag() -> None:
-    """`python -m epp.simulator --kv-events-config '{...}'`: the i-th server publishes on the port plus i."""
+    """`python -m epp.simulator --kv-events-config '{...}'` publishes its cache's blocks."""
     import json
     import subprocess
     import sys
@@ -241,15 +247,15 @@ async def test_the_simulator_command_publishes_with_vllms_flag() -> None:
     from epp.stack import free_ports
     from tests.helpers import until
 
-    p1, p2, z = free_ports(3)
+    port, z = free_ports(2)
     cfg = json.dumps({"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{z}"})
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "epp.simulator", "--ports", f"{p1},{p2}", "--time-scale", "0", "--kv-events-config",
-        cfg, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sys.executable, "-m", "epp.simulator", "--ports", str(port), "--time-scale", "0", "--kv-events-config",
+        cfg, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sub = Subscriber(BlockIndex())
     try:
-        sub.add("second", f"tcp://127.0.0.1:{z + 1}")
-        pod = f"127.0.0.1:{p2}"
+        sub.add("central", f"tcp://127.0.0.1:{z}")
+        pod = f"127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=f"http://{pod}") as client:
             async def up() -> bool:
                 try:
@@ -257,9 +263,11 @@ async def test_the_simulator_command_publishes_with_vllms_flag() -> None:
                 except httpx.TransportError:
                     return False
 
-            deadline = asyncio.get_running_loop().time() + 20
+            deadline = asyncio.get_running_loop().time() + 60
             while not await up():
-                assert asyncio.get_running_loop().time() < deadline, "the simulators did not start"
+                if proc.returncode is not None or asyncio.get_running_loop().time() > deadline:
+                    err = b"" if proc.stderr is None else await proc.stderr.read()
+                    raise AssertionError(f"the simulator did not start: {err.decode()}")
                 await asyncio.sleep(0.05)
 
             async def joined() -> bool:
@@ -267,11 +275,12 @@ async def test_the_simulator_command_publishes_with_vllms_flag() -> None:
                 return sub.index.publishes(pod)
 
             while not await joined():
-                assert asyncio.get_running_loop().time() < deadline, "no events from the second server"
+                assert asyncio.get_running_loop().time() < deadline, "no events from the simulator"
             r = await client.post("/v1/completions", json={"model": MODEL, "prompt": "p" * 256, "max_tokens": 1})
             r.raise_for_status()
             await until(lambda: sub.index.blocks(pod) == 4, what="its 4 blocks")
     finally:
         sub.close()
-        proc.terminate()
+        if proc.returncode is None:
+            proc.terminate()
         await asyncio.wait_for(proc.wait(), 10)

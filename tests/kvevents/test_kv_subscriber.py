@@ -3,6 +3,7 @@
 from collections.abc import AsyncIterator
 
 import pytest
+import zmq
 
 from epp.kvevents.events import BlockStored, encode_sequence, topic
 from epp.kvevents.hashing import block_keys, root_key
@@ -112,7 +113,19 @@ async def test_a_publisher_that_goes_away_and_comes_back_is_followed_again(sub: 
     pub.publish([BlockStored([1], None, TOKENS, 16)])
     await until(lambda: sub.index.blocks(POD) == 1, what="the block")
     pub.close()  # the server died
-    pub = publisher(port)  # and restarted: its sequence starts again at 0, its cache is empty
+    # and restarted: its sequence starts again at 0, its cache is empty. ZMQ closes the old
+    # listening socket on its own thread: bind again once the port is free.
+    restarted: list[KVEventPublisher] = []
+
+    def bound() -> bool:
+        try:
+            restarted.append(publisher(port))
+        except zmq.ZMQError:
+            return False
+        return True
+
+    await until(bound, what="the port to be free again")
+    pub = restarted[0]
     try:
         other = list(range(50, 66))
 
