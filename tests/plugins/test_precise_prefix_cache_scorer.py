@@ -282,3 +282,20 @@ schedulingProfiles:
         producer.close()
         await channel.close()
         await server.stop(grace=1)
+
+
+async def test_the_legacy_scorer_keeps_its_own_producer(pods: Pods) -> None:
+    scorer = registry.create("precise-prefix-cache-scorer", "legacy", {
+        "kvEventsConfig": {"podDiscoveryConfig": {"socketPort": pods.socket_port}}, "tokenizer": "simulator"})
+    assert isinstance(scorer, PrecisePrefixCacheScorer)
+    scorer.bind({}.get)
+    own = scorer.producer
+    assert isinstance(own, PrecisePrefixCacheProducer)
+    scorer.endpoints_changed(pods.endpoints, [])  # its hooks reach its producer
+    try:
+        await joined(own, pods)
+        await send(pods.sims[0], PROMPT)
+        req = request(PROMPT, MODEL)
+        await until(lambda: scorer.score(cycle_state(), req, pods.endpoints) == [1.0, 0.0, 0.0], what="A's blocks")
+    finally:
+        own.close()
