@@ -140,8 +140,8 @@ class Director:
                received_at: float | None = None) -> Decision:
         """Pick an endpoint for the parsed request and commit it, or raise EppError (429, 503).
         With flow control on, transports call `decide_async` instead."""
-        return self._commit(request, subset, self.plan(request, subset, score_shed=False), received_at, 0.0,
-                            time.perf_counter())
+        started = time.perf_counter()
+        return self._commit(request, subset, self.plan(request, subset, score_shed=False), received_at, 0.0, started)
 
     async def decide_async(self, request: InferenceRequest, subset: Sequence[str] | None = None, *,
                            received_at: float | None = None) -> Decision:
