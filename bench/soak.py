@@ -4,9 +4,11 @@
 
 The gateway is the shipped one: each simulated pod its own process on its own loopback address
 (127.0.0.11, .12, ...), one `epp serve` (TLS on its ext_proc port), and two Envoys from the shipped
-bootstrap in front of it: one FailClose (the default) and one FailOpen
-(`failure_mode_allow: true`). An open-loop load at `--rate` alternates between the two Envoys.
-On a schedule spread over `--duration`, each fault runs once, with quiet time between:
+bootstrap in front of it, both listing the pods in their pool cluster (so a request that cannot reach
+its pod is retried on another): one FailClose (the default) and one FailOpen
+(`failure_mode_allow: true`, with the request body buffered, which FailOpen needs). An open-loop
+load at `--rate` alternates between the two Envoys. On a schedule spread over `--duration`, each
+fault runs once, with quiet time between:
 
 - pod-kill: SIGKILL one pod's process; restart it 5 s later;
 - pod-freeze: SIGSTOP one pod's process for 5 s (a hung server), then SIGCONT;
@@ -143,9 +145,13 @@ class Gateway:
         self.pods = [Pod(f"127.0.0.{11 + i}", ports[i], f"pod-{i}") for i in range(pods)]
         self.grpc_port, self.health_port, self.metrics_port = ports[pods:pods + 3]
         envoy_ports = ports[pods + 3:]
+        pool = [p.hostport for p in self.pods]  # Envoy knows the pool: a dead pod's picks are retried elsewhere
         self.envoy_opts = {
-            "FailClose": EnvoyOptions(envoy_ports[0], self.grpc_port, envoy_ports[1], failure_mode_allow=False),
-            "FailOpen": EnvoyOptions(envoy_ports[2], self.grpc_port, envoy_ports[3], failure_mode_allow=True),
+            "FailClose": EnvoyOptions(envoy_ports[0], self.grpc_port, envoy_ports[1], failure_mode_allow=False,
+                                      pool_endpoints=pool),
+            # FailOpen needs a buffered body: Envoy fails a FULL_DUPLEX_STREAMED request closed.
+            "FailOpen": EnvoyOptions(envoy_ports[2], self.grpc_port, envoy_ports[3], failure_mode_allow=True,
+                                     request_body_mode="BUFFERED", pool_endpoints=pool),
         }
         self.envoys: dict[str, EnvoyProcess] = {}
         self.epp: subprocess.Popen[bytes] | None = None
