@@ -22,18 +22,21 @@ batch size (`--max-num-seqs` requests in flight per server), requests wait insid
 priority-holdback policy lets sheddable requests take at most `--holdback` of the slots. Each band's
 client TTFT p50/p90, the time it waited in epp's queue (from epp's debug log, one line per
 pick), and its 429s are reported; the goal is that priority 0 keeps its p90 TTFT within 2x of
-the unloaded run. Writes bench/results/flowcontrol.md (and .json with every request).
+the unloaded run. Writes bench/results/flowcontrol.md (and .json.gz with every request); a run with
+the gate on fails unless epp's /metrics shows its flow controller deciding on requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,24 @@ def with_flow_control(config: str, max_concurrency: int, ttl: str, batch_queue: 
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def _label(line: str, name: str) -> str:
+    return line.split(f'{name}="', 1)[1].split('"', 1)[0]
+
+
+def bucket_range(buckets: list[tuple[float, float]], q: float) -> tuple[float, float] | None:
+    """The bucket (lower, upper bound) of a cumulative histogram's (upper bound, count) that holds its
+    q-th percentile: a histogram says no more than that."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = buckets[-1][1] * q / 100
+    lower = 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            return lower, bound
+        lower = bound
+    return lower, float("inf")
+
+
 class EppProcess(Router):
     """`epp serve` over the pool behind the shipped Envoy layout; its debug log says how long each pick waited."""
 
@@ -78,6 +99,8 @@ class EppProcess(Router):
         self.pods, self.logdir, self.name, self.config = pods, logdir, name, config
         self.proc: subprocess.Popen[bytes] | None = None
         self.envoy: EnvoyProcess | None = None
+        self.decisions: dict[str, int] = {}
+        self.queue_buckets: dict[int, list[tuple[float, float]]] = {}
         self.log_path = logdir / f"epp-{name.replace(' ', '_').replace('+', 'fc')}.log"
 
     def start(self) -> None:
@@ -101,12 +124,37 @@ class EppProcess(Router):
         self.envoy.wait_ready()
         self.url = self.envoy.url
 
+    def flow_decisions(self) -> dict[str, int]:
+        """Requests epp's flow controller decided on, by outcome (its /metrics): proof the gate is on.
+        Also keeps the dispatched requests' queue-time histogram by priority, in `queue_buckets`."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out: dict[str, int] = {}
+        buckets: dict[int, dict[float, float]] = {}
+        for line in text.splitlines():
+            if line.startswith("llm_d_epp_flow_control_requests_total{"):
+                outcome = _label(line, "outcome")
+                out[outcome] = out.get(outcome, 0) + int(float(line.rsplit(" ", 1)[1]))
+            elif (line.startswith("llm_d_epp_flow_control_request_queue_duration_seconds_bucket{")
+                  and _label(line, "outcome") == "Dispatched"):
+                per = buckets.setdefault(int(_label(line, "priority")), {})
+                le = float(_label(line, "le"))
+                per[le] = per.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+        self.queue_buckets = {prio: sorted(per.items()) for prio, per in buckets.items()}
+        return out
+
     def stop(self) -> None:
+        gated = bool(self.config and "flowControl" in self.config)
+        if gated and self.proc is not None and self.proc.poll() is None:
+            self.decisions = self.flow_decisions()
         if self.envoy is not None:
             self.envoy.stop()
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(timeout=30)
+        if gated and not self.decisions:
+            raise RuntimeError(f"{self.name}: the flowControl gate is set but epp's flow controller decided on "
+                               "no request")
 
     def queue_times(self) -> dict[int, list[float]]:
         """Seconds each picked request waited in flow control, by priority (the pick lines of the debug log)."""
@@ -125,6 +173,8 @@ class Run:
     samples: list[Sample] = field(default_factory=list)
     queue: dict[int, list[float]] = field(default_factory=dict)
     duration: float = 0.0
+    decisions: dict[str, int] = field(default_factory=dict)  # flow control's outcomes, from epp's /metrics
+    queue_buckets: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
 
 
 async def run_one(name: str, reqs: list[workloads.TimedRequest], config: str | None, args: argparse.Namespace,
@@ -160,6 +210,8 @@ async def run_one(name: str, reqs: list[workloads.TimedRequest], config: str | N
             await s.stop()
     if isinstance(router, EppProcess):
         run.queue = router.queue_times()
+        run.decisions = router.decisions
+        run.queue_buckets = router.queue_buckets
     return run
 
 
@@ -171,17 +223,23 @@ def band_rows(run: Run) -> list[dict[str, Any]]:
             continue
         ok = [s.ttft * 1e3 for s in samples if s.status == 200 and s.ttft is not None]
         waited = [q * 1e3 for q in run.queue.get(prio, [])]
+        waited_pcts: tuple[Any, Any] = (pct(waited, 50), pct(waited, 90)) if waited else (None, None)
+        if not waited and prio in run.queue_buckets:  # no pick lines in the log: epp's histogram
+            waited_pcts = tuple(bucket_range(run.queue_buckets[prio], q) for q in (50, 90))  # type: ignore[assignment]
         rows.append({
             "run": run.name, "band": band, "requests": len(samples), "ok": len(ok),
             "429": sum(1 for s in samples if s.status == 429),
             "other_errors": sum(1 for s in samples if s.status not in (200, 429)),
             "ttft_p50": pct(ok, 50), "ttft_p90": pct(ok, 90),
-            "queue_p50": pct(waited, 50) if waited else None, "queue_p90": pct(waited, 90) if waited else None,
+            "queue_p50": waited_pcts[0], "queue_p90": waited_pcts[1],
         })
     return rows
 
 
-def _ms(v: float | None) -> str:
+def _ms(v: float | tuple[float, float] | None) -> str:
+    if isinstance(v, tuple):  # a histogram bucket, in seconds
+        lo, hi = v
+        return f"{lo * 1e3:g}-{hi * 1e3:g} ms" if lo else f"< {hi * 1e3:g} ms"
     return "-" if v is None or v != v else f"{v:.0f} ms"
 
 
@@ -189,7 +247,7 @@ def report(args: argparse.Namespace, runs: list[Run], wl: workloads.Workload) ->
     rows = [r for run in runs for r in band_rows(run)]
     unloaded = next((r["ttft_p90"] for r in rows if r["run"] == "unloaded" and r["band"] == HIGH), float("nan"))
     out = ["# Flow control under overload", "",
-           f"Command: `python -m bench.flowcontrol {' '.join(sys.argv[1:])}`".rstrip(), "",
+           f"Command: `{' '.join(['python -m bench.flowcontrol', *sys.argv[1:]])}`", "",
            f"Pool: {args.servers} simulated vLLM servers (max_num_seqs {args.max_num_seqs}, time scale "
            f"{args.time_scale:g}); the mixed-priority workload: {wl.description}, Poisson arrivals at "
            f"{2.5 * args.rate:g} req/s (2.5x {args.rate:g}) for {args.duration:g} s, half of them sheddable; "
@@ -198,8 +256,9 @@ def report(args: argparse.Namespace, runs: list[Run], wl: workloads.Workload) ->
            f"defaultNegativePriorityBand maxRequests {args.batch_queue}"
            + (f", priority-holdback-policy minCeiling {args.holdback:g} (sheddable requests dispatch only while "
               f"the pool is below {args.holdback:.0%} of its slots)" if args.holdback else "")
-           + ". Queue time is what epp's debug log "
-           "reports for each picked request (0 when it passed at once).", "",
+           + ". Queue time is what epp's debug log reports for each picked request (0 when it passed at "
+           "once) or, without those lines, the bucket of the dispatched requests' "
+           "`llm_d_epp_flow_control_request_queue_duration_seconds` histogram that holds the percentile.", "",
            "| run | band | requests | ok | 429 | other errors | TTFT p50 | TTFT p90 | queue p50 | queue p90 "
            "| p90 / unloaded |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -214,6 +273,12 @@ def report(args: argparse.Namespace, runs: list[Run], wl: workloads.Workload) ->
             verdict = "within 2x" if ratio <= 2 else "NOT within 2x"
             out.append(f"- {r['run']}: priority-0 p90 TTFT {r['ttft_p90']:.0f} ms = {ratio:.2f}x unloaded "
                        f"({unloaded:.0f} ms): {verdict}")
+    decided = [(run.name, run.decisions) for run in runs if run.decisions]
+    if decided:
+        out += ["", "Flow control's decisions in each run with it on (epp's "
+                "`llm_d_epp_flow_control_requests_total`, by outcome):", ""]
+        for name, d in decided:
+            out.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(d.items())))
     return "\n".join(out) + "\n"
 
 
@@ -275,8 +340,11 @@ def main() -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / f"{args.stem}.md").write_text(text)
     raw = {"args": vars(args), "runs": [{"name": r.name, "duration": r.duration, "queue_seconds": r.queue,
+                                         "flow_control_outcomes": r.decisions,
+                                         "queue_seconds_buckets": r.queue_buckets,
                                          "samples": [asdict(s) for s in r.samples]} for r in runs]}
-    (outdir / f"{args.stem}.json").write_text(json.dumps(raw))
+    with gzip.open(outdir / f"{args.stem}.json.gz", "wt") as f:
+        json.dump(raw, f)
     print(text)
     print(f"wrote {outdir / (args.stem + '.md')}; logs in {logdir}")
 
