@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 
+from epp import logs
 from epp.durations import parse_duration
 from epp.errors import ConfigError
 
@@ -19,11 +20,10 @@ log = logging.getLogger("epp")
 # Go EPP flags that epp accepts so its manifests work unchanged, but that change nothing here.
 # Each one given is named in a warning at start-up.
 _ACCEPTED_GO_FLAGS_WITH_VALUE = (
-    "--zap-encoder", "--zap-log-level", "--zap-stacktrace-level", "--zap-time-encoding",
     "--cache-info-metric",
 )
 _ACCEPTED_GO_BOOL_FLAGS = (
-    "--tracing", "--health-checking", "--enable-pprof", "--zap-devel", "--enable-grpc-stream-metrics",
+    "--health-checking", "--enable-pprof", "--enable-grpc-stream-metrics",
     "--allow-experimental-plugins",
 )
 
@@ -177,8 +177,24 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--emit-endpoint-scores", nargs="?", const=True, type=_bool, default=False, metavar="BOOL",
                    help="add each target's score to the pick's envoy.lb metadata, as "
                         "x-gateway-destination-endpoint-scores (default false)")
-    g.add_argument("--v", "-v", type=int, default=0, dest="verbosity",
-                   help="log verbosity as the Go EPP: 0 info, 1-3 more, 4+ debug")
+    g = p.add_argument_group("logs and traces (as the Go EPP)")
+    g.add_argument("--v", "-v", type=int, default=logs.DEFAULT_VERBOSITY, dest="verbosity",
+                   help="log verbosity: 0 info, 2 (default) as upstream, 3 verbose, 4 debug (each pick), "
+                        "5 trace (prompts)")
+    g.add_argument("--zap-log-level", type=_text, default=None,
+                   help="debug, info, error, panic or a number N for V(N); overrides -v")
+    g.add_argument("--zap-encoder", type=_text, default=None,
+                   help="json (default: one JSON object per line on stderr) or console")
+    g.add_argument("--zap-devel", nargs="?", const=True, type=_bool, default=False, metavar="BOOL",
+                   help="development defaults: console encoder, stack traces from warn")
+    g.add_argument("--zap-stacktrace-level", type=_text, default=None,
+                   help="records at this level and above carry the stack: debug, info, error (default), panic")
+    g.add_argument("--zap-time-encoding", type=_text, default=None,
+                   help="ts as epoch (default), millis, nano, iso8601, rfc3339 or rfc3339nano")
+    g.add_argument("--tracing", nargs="?", const=True, type=_bool, default=False, metavar="BOOL",
+                   help="one OpenTelemetry span per request (needs pip install 'epp[tracing]'; "
+                        "OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_TRACES_SAMPLER(_ARG) as upstream; "
+                        "default false)")
     g = p.add_argument_group("accepted for Go EPP compatibility (no effect)")
     for flag in _ACCEPTED_GO_FLAGS_WITH_VALUE:
         g.add_argument(flag, help=argparse.SUPPRESS)
@@ -273,6 +289,7 @@ def _options(args: argparse.Namespace):
         emit_endpoint_scores=args.emit_endpoint_scores,
         metrics_cert_dir=args.metrics_cert_dir,
         metrics_client_ca_file=args.metrics_client_ca_file,
+        tracing=args.tracing,
         seed=args.seed,
     )
 
@@ -378,10 +395,15 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_rollout_demo(keep=args.keep, base_port=args.base_port)
         return run_demo(keep=args.keep, base_port=args.base_port, layout=args.layout)
-    level = logging.DEBUG if args.verbosity >= 4 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every scrape at INFO; the scraper reports state changes itself.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        # A negative -v means upstream's default, as upstream validates it.
+        verbosity = args.verbosity if args.verbosity >= 0 else logs.DEFAULT_VERBOSITY
+        logs.configure(encoder=args.zap_encoder, verbosity=verbosity, zap_log_level=args.zap_log_level,
+                       time_encoding=args.zap_time_encoding, devel=args.zap_devel,
+                       stacktrace_level=args.zap_stacktrace_level)
+    except ValueError as e:
+        print(f"epp: {e}", file=sys.stderr)
+        return 2
     for flag in no_effect_flags(args):
         log.warning("flag %s is accepted for Go EPP compatibility and has no effect in epp", flag)
     if getattr(args, "tls_cipher_suites", None):

@@ -1,9 +1,13 @@
 """Logs as the Go EPP writes them (zap through controller-runtime), and optional OpenTelemetry tracing.
 
-`--zap-encoder json` gives one JSON object per line with zap's keys (`level`, `ts`, `logger`,
-`caller`, `msg`, then the record's fields, `error` and `stacktrace` for exceptions);
-`console` (the default, as upstream's development mode) gives tab-separated text. Verbosity
-is upstream's: `-v N` shows what is logged at V(N) and below: 0 info, 2 upstream's default,
+`--zap-encoder json` (the default: upstream always writes zap's production JSON) gives one
+JSON object per line with zap's keys (`level`, `ts`, `logger`, `caller`, `msg`, then the
+record's fields, `error` and `stacktrace`); `console` gives zap's tab-separated text.
+`--zap-devel` makes console the default encoder and warn the default stacktrace level, as
+controller-runtime's development mode. `--zap-stacktrace-level` (debug, info, error, panic;
+default error) adds the caller's stack to records at that level and above. `--zap-time-encoding`
+picks `ts`'s form (epoch seconds by default, as zap's production encoder). Verbosity is
+upstream's: `-v N` shows what is logged at V(N) and below: 0 info, 2 upstream's default,
 3 verbose, 4 debug (Python's `log.debug`), 5 trace. `--zap-log-level` (debug, info, error,
 panic, or a number N for V(N)) overrides `-v`, as upstream. Errors always show.
 
@@ -15,7 +19,8 @@ carrying the scheduling result, a child of the caller's `traceparent` when it se
 Exporter and sampling follow upstream's environment: OTEL_TRACES_EXPORTER `console`
 (default) or `otlp` (needs `opentelemetry-exporter-otlp-proto-grpc`), OTEL_TRACES_SAMPLER
 (default parent-based trace-id ratio) and OTEL_TRACES_SAMPLER_ARG (default 0.1),
-OTEL_SERVICE_NAME. With tracing off nothing of OpenTelemetry is imported.
+OTEL_SERVICE_NAME (default llm-d-epp, as llm-d-router) or service.name in
+OTEL_RESOURCE_ATTRIBUTES. With tracing off nothing of OpenTelemetry is imported.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ DEFAULT_VERBOSITY = 2  # upstream's -v default
 ENCODERS = ("json", "console")
 TIME_ENCODINGS = ("epoch", "millis", "nano", "iso8601", "rfc3339", "rfc3339nano")
 ZAP_LEVELS = {"debug": 1, "info": 0, "error": -1, "panic": -2}
+# --zap-stacktrace-level's names (controller-runtime's) and the Python level each starts at.
+STACKTRACE_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR,
+                     "panic": logging.CRITICAL}
 MAX_PROMPT_LOGGED = 4096
 
 logging.addLevelName(TRACE, "TRACE")
@@ -160,21 +168,29 @@ class ZapConsoleFormatter(logging.Formatter):
         line = "\t".join(parts)
         if record.exc_info and record.exc_info[1] is not None:
             line += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        elif record.stack_info:
+            line += "\n" + record.stack_info
         return line
 
 
-def configure(*, encoder: str = "console", verbosity: int = DEFAULT_VERBOSITY, zap_log_level: str | None = None,
-              time_encoding: str | None = None, stream: IO[str] | None = None) -> logging.Handler:
-    """Install epp's log handler on the root logger for these flags; returns it. Raises ValueError on bad values."""
-    encoder = encoder.strip().strip('"')
+def configure(*, encoder: str | None = "json", verbosity: int = DEFAULT_VERBOSITY, zap_log_level: str | None = None,
+              time_encoding: str | None = None, stream: IO[str] | None = None, devel: bool = False,
+              stacktrace_level: str | None = None) -> logging.Handler:
+    """Install epp's log handler on the root logger for these flags; returns it. Raises ValueError on bad values.
+    None for a flag means it was not given (its default depends on `devel`)."""
+    encoder = (encoder or ("console" if devel else "json")).strip().strip('"')
     if encoder not in ENCODERS:
         raise ValueError(f"invalid --zap-encoder {encoder!r}: expected json or console")
-    encoding = (time_encoding or "rfc3339").strip().strip('"')
+    encoding = (time_encoding or "epoch").strip().strip('"')
     if encoding not in TIME_ENCODINGS:
         raise ValueError(f"invalid --zap-time-encoding {encoding!r}: expected one of {', '.join(TIME_ENCODINGS)}")
+    stack_name = (stacktrace_level or ("warn" if devel else "error")).strip().strip('"').lower()
+    if stack_name not in STACKTRACE_LEVELS:
+        raise ValueError(f"invalid --zap-stacktrace-level {stacktrace_level!r}: expected debug, info, error or panic")
     level = threshold(verbosity, zap_log_level)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(ZapJsonFormatter(encoding) if encoder == "json" else ZapConsoleFormatter(encoding))
+    handler.addFilter(_CallerStack(STACKTRACE_LEVELS[stack_name]))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -185,7 +201,27 @@ def configure(*, encoder: str = "console", verbosity: int = DEFAULT_VERBOSITY, z
     logging.getLogger("epp").setLevel(level)
     for noisy in ("httpx", "httpcore", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    logging.captureWarnings(True)  # Python's warnings are records too, in the same encoding
     return handler
+
+
+class _CallerStack(logging.Filter):
+    """Puts the logging call's stack on records at --zap-stacktrace-level and above (zap's `stacktrace`)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self.level and not record.exc_info and not record.stack_info:
+            frames: list[traceback.FrameSummary] = list(traceback.extract_stack())
+            # Drop the logging machinery's frames: the stack ends at the call that logged.
+            for i in range(len(frames) - 1, -1, -1):
+                if frames[i].filename == record.pathname and frames[i].lineno == record.lineno:
+                    frames = frames[: i + 1]
+                    break
+            record.stack_info = "".join(traceback.format_list(frames)).rstrip()
+        return True
 
 
 # --- the request line ----------------------------------------------------------------------------------
@@ -257,7 +293,7 @@ class RequestTracer:
         self.provider.shutdown()
 
 
-def setup_tracing(enabled: bool, service_name: str = "epp", *, exporter: Any = None) -> RequestTracer | None:
+def setup_tracing(enabled: bool, service_name: str = "llm-d-epp", *, exporter: Any = None) -> RequestTracer | None:
     """The request tracer for `--tracing`, or None when off. Raises RuntimeError (what to install) when
     the OpenTelemetry packages are missing. `exporter` replaces the environment's choice (tests)."""
     if not enabled:
@@ -280,8 +316,11 @@ def setup_tracing(enabled: bool, service_name: str = "epp", *, exporter: Any = N
         except ValueError:
             ratio = 0.1
         sampler = sampling.ParentBased(sampling.TraceIdRatioBased(ratio))
-    resource = resources.Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name),
-                                "service.version": __version__})
+    attrs = {"service.version": __version__}
+    # As upstream: OTEL_SERVICE_NAME, then OTEL_RESOURCE_ATTRIBUTES, then the built-in name.
+    if "OTEL_SERVICE_NAME" in os.environ or "service.name=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+        attrs["service.name"] = os.environ.get("OTEL_SERVICE_NAME", service_name)
+    resource = resources.Resource.create(attrs)
     provider = sdk_trace.TracerProvider(resource=resource, sampler=sampler)
     if exporter is not None:
         provider.add_span_processor(export.SimpleSpanProcessor(exporter))

@@ -7,10 +7,13 @@ with argparse's exit code 2, before anything starts.
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import subprocess
 import sys
 
+import orjson
 import pytest
 
 from epp import cli
@@ -22,32 +25,81 @@ def serve_args(*argv: str):
     return cli.build_parser().parse_args(["serve", *argv])
 
 
-def test_go_style_command_line_runs_serve_and_names_the_no_effect_flags() -> None:
-    """The binary as the Go EPP's manifests run it: flags first, no sub-command."""
+def run_epp(*flags: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """`python -m epp` as the Go EPP's manifests run it (flags first, no sub-command), stopped with SIGTERM
+    once it serves health; its exit code and stderr."""
     grpc_port, health_port, pool_port = free_ports(3)
     argv = [sys.executable, "-m", "epp", "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
-            "--metrics-port", "0", "--http-pick-port", "0", "--bind-address", "127.0.0.1",
-            "--endpoints", f"127.0.0.1:{pool_port}", "--tracing=false", "--zap-encoder", "json", "--enable-pprof",
-            "--drain-timeout", "0s"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            "--metrics-port", "0", "--http-pick-port", "0", "--explain-port", "0", "--bind-address", "127.0.0.1",
+            "--endpoints", f"127.0.0.1:{pool_port}", "--drain-timeout", "0s", *flags]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         wait_until(lambda: proc.poll() is not None or grpc_serving(health_port), 30, "epp to serve health")
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, err
-    for flag in ("--tracing", "--zap-encoder", "--enable-pprof"):
-        assert f"flag {flag} is accepted for Go EPP compatibility and has no effect in epp" in err
-    assert "--grpc-port is accepted" not in err
+    return proc.returncode, err
+
+
+def test_go_style_command_line_runs_serve_and_names_the_no_effect_flags() -> None:
+    """Every line on stderr is one zap JSON object (the default encoder); a no-effect flag is a warning."""
+    rc, err = run_epp("--tracing=false", "--zap-encoder", "json", "--enable-pprof")
+    assert rc == 0, err
+    records = [orjson.loads(line) for line in err.splitlines()]
+    assert records
+    assert all({"level", "ts", "logger", "caller", "msg"} <= r.keys() for r in records)
+    assert all(isinstance(r["ts"], float) for r in records)  # epoch seconds, as zap's production encoder
+    warned = [r for r in records if "--enable-pprof" in r["msg"]]
+    assert [r["level"] for r in warned] == ["warn"]
+    assert "has no effect in epp" in warned[0]["msg"]
+    assert not any("--zap-encoder" in r["msg"] or "--tracing" in r["msg"] for r in records)
+
+
+def test_console_encoder_and_time_encoding_reach_the_log() -> None:
+    rc, err = run_epp("--zap-encoder=console", "--zap-time-encoding", "iso8601", "--enable-pprof")
+    assert rc == 0, err
+    line = next(ln for ln in err.splitlines() if "--enable-pprof" in ln)
+    ts, level, logger, _caller, msg = line.split("\t")[:5]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ts)
+    assert (level, logger) == ("WARN", "epp")
+    assert "has no effect" in msg
+
+
+def test_zap_log_level_reaches_the_log() -> None:
+    """Upstream's default shows info; --zap-log-level error leaves only errors (the levels themselves:
+    tests/test_logs.py)."""
+    rc, default = run_epp("--enable-pprof")
+    rc_error, quiet = run_epp("--zap-log-level", "error", "--enable-pprof")
+    assert rc == rc_error == 0, default + quiet
+    assert {"info", "warn"} <= {orjson.loads(line)["level"] for line in default.splitlines()}
+    assert quiet.strip() == ""
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--zap-encoder", "xml"), ("--zap-time-encoding", "week"),
+                                             ("--zap-log-level", "loud"), ("--zap-stacktrace-level", "warp")])
+def test_bad_log_flag_values_exit_2_naming_the_flag(flag: str, value: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["serve", flag, value, "--endpoints", "127.0.0.1:1"]) == 2
+    assert f"invalid {flag} {value!r}" in capsys.readouterr().err
+
+
+def test_tracing_without_the_sdk_fails_at_start_saying_what_to_install(tmp_path) -> None:
+    """An `opentelemetry` package that cannot be imported first on the path stands in for the missing extra."""
+    (tmp_path / "opentelemetry").mkdir()
+    (tmp_path / "opentelemetry" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    rc, err = run_epp("--tracing", env=env)
+    assert rc == 1
+    assert "--tracing needs the OpenTelemetry SDK: pip install opentelemetry-sdk" in err
 
 
 def test_no_effect_flags_are_reported_by_name_only_when_given() -> None:
     args = serve_args("--grpc-port", "9", "--zap-encoder", "json", "--enable-pprof", "--tracing=false")
-    assert cli.no_effect_flags(args) == ["--zap-encoder", "--tracing", "--enable-pprof"]
+    assert cli.no_effect_flags(args) == ["--enable-pprof"]
     assert cli.no_effect_flags(serve_args("--grpc-port", "9", "--v", "4")) == []
 
 

@@ -51,7 +51,9 @@ def test_json_encoder_writes_one_object_per_line_with_zaps_keys(out: io.StringIO
     assert first["endpoints"] == 3
     assert first["leader"] is True
     assert first["caller"].startswith("test_logs.py:")
-    assert datetime.strptime(first["ts"], "%Y-%m-%dT%H:%M:%SZ")  # RFC 3339, controller-runtime's default
+    # Epoch seconds: upstream's logger is zap's production JSON encoder, which --zap-time-encoding never reaches.
+    assert isinstance(first["ts"], float)
+    assert abs(first["ts"] - time.time()) < 60
     assert second["level"] == "warn"
     assert second["msg"] == "two\nlines"  # a multi-line message stays one JSON line
     assert len(out.getvalue().splitlines()) == 2
@@ -83,13 +85,32 @@ def test_time_encodings_as_zap_names_them(out: io.StringIO, encoding: str, check
 
 
 def test_console_encoder_is_tab_separated_text_with_json_fields(out: io.StringIO) -> None:
-    logs.configure(encoder="console", verbosity=0, stream=out)
+    logs.configure(encoder="console", verbosity=0, stream=out, time_encoding="rfc3339")
     log.info("picked", extra={"fields": {"endpoint": "10.0.0.1:8000"}})
     ts, level, name, caller, msg, fields = out.getvalue().rstrip("\n").split("\t")
     assert datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ")
     assert (level, name, msg) == ("INFO", "epp.test", "picked")
     assert caller.startswith("test_logs.py:")
     assert orjson.loads(fields) == {"endpoint": "10.0.0.1:8000"}
+
+
+def test_records_at_the_stacktrace_level_carry_the_callers_stack(out: io.StringIO) -> None:
+    logs.configure(encoder="json", verbosity=0, stream=out)  # error, as upstream's production logger
+    log.warning("no stack below error")
+    log.error("with its stack")
+    warn, error = lines(out)
+    assert "stacktrace" not in warn
+    stack = error["stacktrace"]
+    assert "test_records_at_the_stacktrace_level_carry_the_callers_stack" in stack
+    assert stack.rstrip().splitlines()[-1].strip() == 'log.error("with its stack")'  # ends at the call
+
+
+def test_devel_means_console_and_stacks_from_warn(out: io.StringIO) -> None:
+    logs.configure(encoder=None, devel=True, verbosity=0, stream=out)
+    log.warning("careful")
+    text = out.getvalue()
+    assert text.split("\t")[1] == "WARN"
+    assert 'log.warning("careful")' in text  # the stack follows the line
 
 
 def emit_every_level() -> None:
