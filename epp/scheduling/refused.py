@@ -11,7 +11,7 @@ from __future__ import annotations
 
 PD_LATER = "prefill/decode disaggregation is later work in epp: it runs one scheduling profile per request"
 LATENCY = "needs upstream's latency predictor sidecar, which epp does not run"
-PRECISE = "needs the servers' KV-cache events; epp's prefix index is approximate"
+BURST = "co-locating bursts of prompt-sharing requests is not implemented in epp"
 MULTICLUSTER = "multi-cluster routing is not supported by epp"
 ATTRIBUTES = "reads endpoint attributes from custom metric extraction, which epp does not have"
 
@@ -47,9 +47,7 @@ REFUSED: dict[str, tuple[str, str]] = {
     "probabilistic-admitter": ("admitter plugins are later work in epp",
                                "shedding of sheddable requests by utilization-detector"),
     # exact prefix caches
-    "precise-prefix-cache-scorer": (PRECISE, "prefix-cache-scorer"),
-    "precise-prefix-cache-producer": (PRECISE, "approx-prefix-cache-producer"),
-    "burst-prefix-cache-producer": (PRECISE, "approx-prefix-cache-producer"),
+    "burst-prefix-cache-producer": (BURST, "approx-prefix-cache-producer"),
     "p2p-source-producer": ("KV-cache transfer between servers is not supported by epp", "remove it"),
     "mm-embeddings-cache-producer": ("multimodal embedding caches are not tracked by epp", "remove it"),
     "mm-embeddings-cache-scorer": ("multimodal embedding caches are not tracked by epp", "prefix-cache-scorer"),
