@@ -221,13 +221,41 @@ async def test_the_prefix_index_size_grows_with_picks(pool: tuple[EppServer, lis
     assert (await scrape(server))("inference_extension_prefix_indexer_size") > 0
 
 
+async def test_each_plugin_run_and_the_picks_prefix_match_are_recorded(
+        pool: tuple[EppServer, list[SimulatedServer]]) -> None:
+    """Real requests through the default profile: every filter, scorer, picker and PreRequest hook is timed
+    per run, and the second request with the same prompt finds its whole prefix on the endpoint picked."""
+    server, _ = pool
+    server.director.scheduler.metrics = server.metrics  # what the director sets (see the report)
+    prompt = "a long shared prompt that fills several blocks " * 20
+    first = await stream_request(server, completion(prompt), sse(1, 200, 0), TENANT)
+    second = await stream_request(server, completion(prompt), sse(1, 200, 0), TENANT)
+    assert first == second
+    s = await scrape(server)
+    runs = {(ls["extension_point"], ls["plugin_type"]): v for n, ls, v in s.samples
+            if n == "llm_d_epp_plugin_duration_seconds_count"}
+    assert runs[("Scorer", "prefix-cache-scorer")] == 2
+    assert runs[("Picker", "max-score-picker")] == 2
+    assert runs[("PreRequest", "approx-prefix-cache-producer")] == 2  # the index learning each pick
+    assert all(v == 2 for v in runs.values()), runs
+    legacy = {(ls["extension_point"], ls["plugin_type"]): v for n, ls, v in s.samples
+              if n == "inference_extension_plugin_duration_seconds_count"}
+    assert legacy == runs
+    assert s("llm_d_epp_plugin_duration_seconds_sum") > 0
+    prefix = {"plugin_type": "approx-prefix-cache-producer"}
+    assert s("llm_d_epp_prefix_indexer_hit_ratio_count", **prefix) == 2
+    assert s("llm_d_epp_prefix_indexer_hit_ratio_sum", **prefix) == 1.0  # none, then all of it
+    assert s("inference_extension_prefix_indexer_hit_ratio_bucket", le="0.0") == 1
+    assert s("inference_extension_prefix_indexer_hit_bytes_sum") >= len(prompt) - 64
+
+
 async def test_recorders_the_request_path_calls_land_on_the_endpoint(
         pool: tuple[EppServer, list[SimulatedServer]]) -> None:
-    """What the director, the scheduler and the transports record, as they record it."""
+    """What the director, the scheduler and the transports record, as they record it (the index size is
+    republished every refresh interval: test_the_prefix_index_size_grows_with_picks)."""
     server, _ = pool
     m = server.metrics
     m.prefix_match("prefix-cache-scorer", "prefix-cache-scorer", 768, 1024)
-    m.prefix_index_size([("prefix-cache-scorer", "prefix-cache-scorer", 42)])
     m.plugin_ran("Scorer", "queue-scorer", "queue-scorer", 0.0003)
     m.request_processed(0.002)
     m.rewritten("canary", parse_body(new_request("/v1/completions", {}), completion()))
@@ -237,8 +265,6 @@ async def test_recorders_the_request_path_calls_land_on_the_endpoint(
     assert s("inference_extension_prefix_indexer_hit_ratio_count") == 1
     assert s("llm_d_epp_prefix_indexer_hit_bytes_sum", **prefix) == 768
     assert s("inference_extension_prefix_indexer_hit_bytes_sum") == 768
-    assert s("llm_d_epp_prefix_indexer_size", **prefix) == 42
-    assert s("inference_extension_prefix_indexer_size") == 42
     plugin = {"extension_point": "Scorer", "plugin_type": "queue-scorer", "plugin_name": "queue-scorer"}
     assert s("inference_extension_plugin_duration_seconds_count", **plugin) == 1
     assert s("llm_d_epp_plugin_duration_seconds_count", **plugin) == 1

@@ -6,7 +6,10 @@ fans the request-lifecycle hooks out to the plugins that implement them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from time import perf_counter
+from typing import TYPE_CHECKING
 
 from epp import errors
 from epp.datastore import Endpoint
@@ -24,6 +27,10 @@ from epp.scheduling.framework import (
     SchedulingResult,
     WeightedScorer,
 )
+from epp.scheduling.plugins.prefix_cache_scorer import PrefixCacheScorer
+
+if TYPE_CHECKING:
+    from epp.metrics import EppMetrics
 
 
 @dataclass(slots=True)
@@ -33,10 +40,16 @@ class SchedulingProfile:
     scorers: list[WeightedScorer] = field(default_factory=list)
     picker: Picker | None = None
 
-    def run(self, state: CycleState, request: InferenceRequest, candidates: list[Endpoint]) -> SchedulingResult:
+    def run(self, state: CycleState, request: InferenceRequest, candidates: list[Endpoint],
+            timed: Callable[[tuple[str, str, str], float], None] | None = None) -> SchedulingResult:
+        """`timed(key, seconds)`, when given, is told each plugin's run: key (extension point, type, name)."""
         endpoints = candidates
+        clock = perf_counter
         for f in self.filters:
+            t0 = clock()
             endpoints = f.filter(state, request, endpoints)
+            if timed is not None:
+                timed(("Filter", f.type_name, f.name), clock() - t0)
             if not endpoints:
                 raise errors.EppError(
                     errors.SERVICE_UNAVAILABLE,
@@ -46,13 +59,21 @@ class SchedulingProfile:
         totals = [0.0] * len(endpoints)
         scores: dict[str, list[float]] = {}
         for ws in self.scorers:
-            values = ws.scorer.score(state, request, endpoints)
-            scores[ws.scorer.name] = values
+            scorer = ws.scorer
+            t0 = clock()
+            values = scorer.score(state, request, endpoints)
+            if timed is not None:
+                timed(("Scorer", scorer.type_name, scorer.name), clock() - t0)
+            scores[scorer.name] = values
             w = ws.weight
             for i, v in enumerate(values):
                 totals[i] += v * w
-        assert self.picker is not None
-        targets = self.picker.pick(state, request, endpoints, totals)
+        picker = self.picker
+        assert picker is not None
+        t0 = clock()
+        targets = picker.pick(state, request, endpoints, totals)
+        if timed is not None:
+            timed(("Picker", picker.type_name, picker.name), clock() - t0)
         return SchedulingResult(targets, endpoints, scores, totals, self.name)
 
 
@@ -69,17 +90,41 @@ class Scheduler:
         self._response_complete = [p for p in plugins if isinstance(p, ResponseComplete)]
         self._endpoints_changed = [p for p in plugins if isinstance(p, EndpointsChanged)]
         self._response_headers = [p for p in plugins if isinstance(p, ResponseHeaders)]
+        # epp's own metrics (plugin durations, the prefix match of each pick); None: nothing recorded.
+        self.metrics: EppMetrics | None = None
+        # What knows a pick's cached prefix: each prefix-cache-scorer's producer, once.
+        self._prefix_scorers: list[PrefixCacheScorer] = []
+        producers: set[int] = set()
+        for profile in profiles:
+            for ws in profile.scorers:
+                sc = ws.scorer
+                if isinstance(sc, PrefixCacheScorer) and id(sc.producer) not in producers:
+                    producers.add(id(sc.producer))
+                    self._prefix_scorers.append(sc)
 
     def schedule(
         self, request: InferenceRequest, candidates: list[Endpoint], now: float, staleness: float
     ) -> tuple[SchedulingResult, CycleState]:
         state = CycleState(now, staleness)
+        m = self.metrics
         # single-profile-handler: the first (only) profile decides.
-        return self.profiles[0].run(state, request, candidates), state
+        return self.profiles[0].run(state, request, candidates, None if m is None else m.plugin_duration.observe), state
 
     def pre_request(self, state: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        m = self.metrics
+        if m is None:
+            for p in self._pre_request:
+                p.pre_request(state, request, result)
+            return
+        # Before the hooks: the producers' indexes learn this pick in PreRequest.
+        for sc in self._prefix_scorers:
+            matched, total = sc.prefix_match(state, request, result.endpoint)
+            m.prefix_match(sc.producer.name, sc.producer.type_name, matched, total)
+        observe, clock = m.plugin_duration.observe, perf_counter
         for p in self._pre_request:
+            t0 = clock()
             p.pre_request(state, request, result)
+            observe(("PreRequest", p.type_name, p.name), clock() - t0)
 
     def response_started(self, request: InferenceRequest, endpoint: Endpoint) -> None:
         for p in self._response_started:

@@ -116,6 +116,15 @@ class PrefixCacheScorer(Scorer, PreRequest, EndpointsChanged, PrefixIndexHolder)
     def matched_blocks(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> dict[str, int]:
         return self.producer.matched_blocks(state, request, endpoints)
 
+    def prefix_match(self, state: CycleState, request: InferenceRequest, endpoint: Endpoint) -> tuple[int, int]:
+        """(cached, total) bytes of this prompt's prefix on `endpoint`, as the index saw it when scoring
+        (upstream's prefix-match metrics: blocks times the block's characters)."""
+        hashes = self.producer.hashes(state, request)
+        if not hashes:
+            return 0, 0
+        blocks = self.producer.matched_blocks(state, request, [endpoint]).get(endpoint.hostport, 0)
+        return blocks * self.producer.block_chars, len(hashes) * self.producer.block_chars
+
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         matched = self.producer.matched_blocks(state, request, endpoints)
         total = len(self.producer.hashes(state, request))
