@@ -136,7 +136,8 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-server-metrics-scheme", default="http", choices=("http", "https"))
     g.add_argument("--model-server-metrics-port", type=int, default=None,
                    help="scrape this port instead of the serving port")
-    g.add_argument("--engine-type", type=_text, default="vllm", help="metric names: vllm, sglang or trtllm-serve")
+    g.add_argument("--engine-type", type=_text, default="vllm",
+                   help="metric names: vllm, sglang, trtllm-serve, triton-tensorrt-llm or triton")
     g.add_argument("--total-queued-requests-metric", type=_text)
     g.add_argument("--total-running-requests-metric", type=_text)
     g.add_argument("--kv-cache-usage-percentage-metric", type=_text)

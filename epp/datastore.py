@@ -26,6 +26,9 @@ class EndpointMetrics:
     waiting_adapters: frozenset[str] = frozenset()
     max_lora: int = 0
     scraped_at: float = 0.0  # time.monotonic()
+    # The server's KV cache configuration (vLLM's cache_config_info); 0: not reported.
+    cache_block_size: int = 0  # tokens per block
+    cache_num_blocks: int = 0  # blocks on the GPU
 
 
 @dataclass(eq=False, slots=True)

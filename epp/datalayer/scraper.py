@@ -68,8 +68,12 @@ def extract(text: str, mapping: EngineMapping, now: float) -> tuple[EndpointMetr
     """Turn /metrics text into a snapshot; also returns the names of signals that were missing."""
     samples = _samples(text, mapping)
     missing = []
-    values = {}
+    values: dict[str, float | None] = {}
+    expected = [key for key in ("queue", "running", "kv_usage") if getattr(mapping, key)]
     for key in ("queue", "running", "kv_usage"):
+        if not getattr(mapping, key):  # the engine has no such signal (Triton without TensorRT-LLM: no KV cache)
+            values[key] = None
+            continue
         v = _first(samples, getattr(mapping, key))
         if v is not None:
             try:
@@ -82,7 +86,7 @@ def extract(text: str, mapping: EngineMapping, now: float) -> tuple[EndpointMetr
         if v is None:
             missing.append(getattr(mapping, key)[0].name)
         values[key] = v
-    if len(missing) == 3:
+    if len(missing) == len(expected):
         raise MetricsParseError(f"none of the expected metrics ({', '.join(missing)}) were found")
 
     active: frozenset[str] = frozenset()
@@ -101,6 +105,7 @@ def extract(text: str, mapping: EngineMapping, now: float) -> tuple[EndpointMetr
                 max_lora = 0
             break
 
+    block_size, num_blocks = _cache_config(samples, mapping)
     kv = values["kv_usage"] or 0.0
     m = EndpointMetrics(
         waiting=int(values["queue"] or 0),
@@ -110,8 +115,42 @@ def extract(text: str, mapping: EngineMapping, now: float) -> tuple[EndpointMetr
         waiting_adapters=waiting,
         max_lora=max_lora,
         scraped_at=now,
+        cache_block_size=block_size,
+        cache_num_blocks=num_blocks,
     )
     return m, missing
+
+
+def _label_int(labels: dict[str, str], name: str) -> int:
+    try:
+        v = int(float(labels.get(name, "") or 0))
+    except (ValueError, OverflowError):  # "None" when the server does not know yet
+        return 0
+    return max(0, v)
+
+
+def _gauge_int(samples: dict[str, list[tuple[dict[str, str], float]]], specs: tuple[MetricSpec, ...]) -> int:
+    v = _first(samples, specs)
+    try:
+        return max(0, int(v)) if v is not None and math.isfinite(v) else 0
+    except OverflowError:
+        return 0
+
+
+def _cache_config(samples: dict[str, list[tuple[dict[str, str], float]]], mapping: EngineMapping) -> tuple[int, int]:
+    """(tokens per block, blocks), from the info gauge's labels or the engine's two gauges; 0 when absent."""
+    block_size = num_blocks = 0
+    for spec in mapping.cache_info:
+        series = [labels for labels, _ in samples.get(spec.name, ()) if spec.matches(labels)]
+        if series:
+            block_size = _label_int(series[0], mapping.cache_block_size_label)
+            num_blocks = _label_int(series[0], mapping.cache_num_blocks_label)
+            break
+    if mapping.cache_block_size:
+        block_size = _gauge_int(samples, mapping.cache_block_size) or block_size
+    if mapping.cache_num_blocks:
+        num_blocks = _gauge_int(samples, mapping.cache_num_blocks) or num_blocks
+    return block_size, num_blocks
 
 
 async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:

@@ -36,15 +36,16 @@ def test_extract_vllm_with_older_kv_name_and_newest_lora_series() -> None:
     assert missing == []
 
 
-def test_extract_trtllm_label_specs() -> None:
+def test_extract_triton_tensorrt_llm_label_specs() -> None:
     text = (
         'nv_trt_llm_request_metrics{request_type="waiting"} 2\n'
         'nv_trt_llm_request_metrics{request_type="scheduled"} 5\n'
         'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction"} 0.3\n'
         'nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="tokens_per"} 32\n'
     )
-    m, _ = extract(text, ENGINES["trtllm-serve"], now=0)
+    m, _ = extract(text, ENGINES["triton-tensorrt-llm"], now=0)
     assert (m.waiting, m.running, m.kv_usage) == (2, 5, pytest.approx(0.3))
+    assert m.cache_block_size == 32
 
 
 def test_not_a_model_server() -> None:
