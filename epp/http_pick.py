@@ -33,7 +33,7 @@ from aiohttp.web_protocol import RequestHandler
 from epp import errors
 from epp.exchanges import Exchanges
 from epp.handoff import Handoff, Handoffs
-from epp.protocol import DESTINATION_HEADER, EXCHANGE_HEADER, HANDOFF_HEADER, SUBSET_KEY
+from epp.protocol import DESTINATION_HEADER, DESTINATION_LIST_HEADER, EXCHANGE_HEADER, HANDOFF_HEADER, SUBSET_KEY
 from epp.requests import new_request, parse_body
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,7 @@ class HttpPick:
         d = ex.decision
         out = ex.pick_headers()
         out[DESTINATION_HEADER] = d.endpoint.hostport
+        out[DESTINATION_LIST_HEADER] = d.targets  # Envoy retries along it where the pick is unreachable
         if d.body_changed:
             self.handoffs.hold(Handoff(d.body, d.endpoint.hostport, d.targets), key=ex.key)
             out[HANDOFF_HEADER] = "1"

@@ -9,6 +9,9 @@ from __future__ import annotations
 # The pick: a request header and dynamic metadata (namespace, key) that the proxy routes on.
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 DESTINATION_NAMESPACE = "envoy.lb"
+# The HTTP pick's pick and fallbacks, comma-separated (ext_authz cannot set metadata): the header the
+# HTTP pick layout's pool cluster retries along. epp's own name; the primary stays in DESTINATION_HEADER.
+DESTINATION_LIST_HEADER = "x-epp-destination-endpoints"
 # With --emit-endpoint-scores, in the same namespace: each target's score (llm-d-router's key).
 DESTINATION_SCORES_KEY = "x-gateway-destination-endpoint-scores"
 # The endpoint that served the request, as the model-server side reports it on the response.
