@@ -293,6 +293,13 @@ class RequestTracer:
         self.provider.shutdown()
 
 
+# Where spans go and how the connection is secured: with none of these set, upstream sends to a
+# plaintext collector on the loopback (the SDK's own default would try TLS).
+_OTLP_TRANSPORT_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_INSECURE",
+                       "OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_CERTIFICATE",
+                       "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+
+
 def setup_tracing(enabled: bool, service_name: str = "llm-d-epp", *, exporter: Any = None) -> RequestTracer | None:
     """The request tracer for `--tracing`, or None when off. Raises RuntimeError (what to install) when
     the OpenTelemetry packages are missing. `exporter` replaces the environment's choice (tests)."""
@@ -332,7 +339,7 @@ def setup_tracing(enabled: bool, service_name: str = "llm-d-epp", *, exporter: A
             except ImportError:
                 raise RuntimeError("OTEL_TRACES_EXPORTER=otlp needs pip install "
                                    "opentelemetry-exporter-otlp-proto-grpc") from None
-            if not any(k in os.environ for k in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+            if not any(k in os.environ for k in _OTLP_TRANSPORT_ENV):
                 # As upstream: a plaintext collector on the loopback when the environment names none.
                 provider.add_span_processor(export.BatchSpanProcessor(
                     otlp.OTLPSpanExporter(endpoint="localhost:4317", insecure=True)))
