@@ -295,8 +295,8 @@ class RequestTracer:
 
 # Where spans go and how the connection is secured: with none of these set, upstream sends to a
 # plaintext collector on the loopback (the SDK's own default would try TLS).
-_OTLP_TRANSPORT_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_INSECURE",
-                       "OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_CERTIFICATE",
+_OTLP_TRANSPORT_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                       "OTEL_EXPORTER_OTLP_INSECURE", "OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_CERTIFICATE",
                        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
 
 
