@@ -296,8 +296,8 @@ class RequestTracer:
 # Where spans go and how the connection is secured: with none of these set, upstream sends to a
 # plaintext collector on the loopback (the SDK's own default would try TLS).
 _OTLP_TRANSPORT_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-                       "OTEL_EXPORTER_OTLP_INSECURE", "OTEL_EXPORTER_OTLP_TRACES_INSECURE", "OTEL_EXPORTER_OTLP_CERTIFICATE",
-                       "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+                       "OTEL_EXPORTER_OTLP_INSECURE", "OTEL_EXPORTER_OTLP_TRACES_INSECURE",
+                       "OTEL_EXPORTER_OTLP_CERTIFICATE", "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
 
 
 def setup_tracing(enabled: bool, service_name: str = "llm-d-epp", *, exporter: Any = None) -> RequestTracer | None:
