@@ -1,4 +1,5 @@
-"""Envoy without epp, for comparisons: routing on the client's header, or load-balancing a static pool.
+"""Envoys for comparisons: without epp (routing on the client's header, or load-balancing a static
+pool), and with several epp replicas.
 
 Both are rendered from the same bootstrap as the epp gateway (deploy/envoy.yaml),
 with the ext_proc filter and cluster removed, so the only difference measured is
@@ -75,4 +76,25 @@ class PoolEnvoy(_NoExtProcEnvoy):
                 for host, port in self.endpoints
             ]}]},
         })
+        return cfg
+
+
+class ReplicaEnvoy(EnvoyProcess):
+    """The epp gateway with more epp replicas in its ext_proc cluster, as behind a Service of several
+    epp pods. RANDOM, not the bootstrap's ROUND_ROBIN: each request opens two ext_proc streams (the
+    pick and the response observer), so with one Envoy worker round robin would send every pick to
+    the same replica and every observer stream to the other."""
+
+    def __init__(self, opts: EnvoyOptions, extra_extproc_ports: list[int]) -> None:
+        super().__init__(opts)
+        self.extra_ports = extra_extproc_ports
+
+    def config(self) -> dict[str, Any]:
+        cfg = render(self.opts)
+        cluster = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "ext_proc")
+        cluster["lb_policy"] = "RANDOM"
+        lbs = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        for port in self.extra_ports:
+            lbs.append({"endpoint": {"address": {"socket_address": {
+                "address": self.opts.extproc_address, "port_value": port}}}})
         return cfg

@@ -53,14 +53,15 @@ import aiohttp
 import httpx
 
 from bench import envoy_phases, workloads
-from bench.gateways import DirectEnvoy, PoolEnvoy
+from bench.gateways import DirectEnvoy, PoolEnvoy, ReplicaEnvoy
 from epp.envoy import EnvoyOptions, EnvoyProcess
 from epp.simulator.engine import CHARS_PER_TOKEN, EngineConfig, prompt_blocks
 from epp.simulator.server import SimulatedServer, _prompt_text
 from epp.stack import free_ports, grpc_serving, wait_until
 
-ROUTERS = ("epp", "epp-http-pick", "round-robin", "random", "least-queue", "sglang-router", "sglang-router+envoy",
-           "vllm-router", "oracle", "epp-config")
+ROUTERS = ("epp", "epp-http-pick", "round-robin", "random", "least-queue", "gie-default", "sglang-router",
+           "sglang-router+envoy", "vllm-router", "oracle", "epp-config")
+GIE_WEIGHTS = Path(__file__).parent / "configs" / "gie-weights.yaml"  # the router gie-default
 BEHIND_ENVOY = "+envoy"  # a peer router placed behind the same Envoy that fronts epp: the same hops as epp
 LEAST_QUEUE_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -92,6 +93,7 @@ class Sample:
     itl: float | None = None
     tokens: int = 0
     pod: str = ""
+    stage: int = 0  # the load stage it was sent in (upstream-shared-prefix)
 
 
 @dataclass
@@ -108,6 +110,10 @@ class RunResult:
     server_ttft: list[float] = field(default_factory=list)
     # With --envoy-phases, where the time went inside Envoy (see bench/envoy_phases.py), ms.
     envoy_phases: dict[str, float] = field(default_factory=dict)
+    start: float = 0.0  # perf_counter at the first arrival's offset 0
+    # What a scenario did to the run, as it happened (bench/scenarios.py): the bypassed pods, each
+    # epp replica's requests, the restart's timing.
+    mechanics: dict[str, Any] = field(default_factory=dict)
 
 
 # --- routers -------------------------------------------------------------------
@@ -132,40 +138,96 @@ class Router:
         """The pod to send this request to, for routers that pick in the client (`needs_pick`)."""
         raise TypeError(f"{type(self).__name__} routes by itself; it does not pick in the client")
 
+    def restart(self) -> dict[str, Any]:
+        """Kill the router's own process and start it again on the same ports (the restart scenario);
+        what happened, or {} when there is no process of its own (Envoy alone)."""
+        return {}
+
+    def counters(self) -> dict[str, Any]:
+        """Numbers the router's processes report about the run, read before `stop()`."""
+        return {}
+
 
 class EppRouter(Router):
-    def __init__(self, pods: list[str], logdir: Path, config: str | None = None, layout: str = "ext-proc") -> None:
-        self.pods, self.logdir, self.config, self.layout = pods, logdir, config, layout
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.envoy: EnvoyProcess | None = None
+    """Envoy in front of `replicas` epp processes; with two or more, Envoy's ext_proc cluster lists
+    them all and spreads the picks over them (each keeps its own prefix index)."""
 
-    def start(self) -> None:
-        grpc_port, health_port, metrics_port, listen, admin, pick_port = free_ports(6)
-        pool = self.logdir / "pool.yaml"
-        pool.write_text(POOL_FILE)
-        args = [sys.executable, "-m", "epp", "serve", "--endpoints", ",".join(self.pods), "--pool-file", str(pool),
-                "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
-                "--metrics-port", str(metrics_port), "--http-pick-port", str(pick_port),
-                "--bind-address", "127.0.0.1", "--seed", "1", "--drain-timeout=0s", "--explain-port", "0"]
-        if self.config:
-            args += ["--config-text", self.config]
-        log = open(self.logdir / "epp.log", "ab")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        proc = self.proc
+    def __init__(self, pods: list[str], logdir: Path, config: str | None = None, layout: str = "ext-proc",
+                 replicas: int = 1) -> None:
+        self.pods, self.logdir, self.config, self.layout = pods, logdir, config, layout
+        self.replicas = replicas
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.cmds: list[tuple[list[str], int, int]] = []  # each replica's command, health and metrics port
+        self.envoy: EnvoyProcess | None = None
+        self.restarted: list[int] = []  # requests each replica had served before its restart
+
+    def _spawn(self, i: int) -> None:
+        args, health_port, _ = self.cmds[i]
+        log = open(self.logdir / f"epp-{i}.log", "ab")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.procs[i:i + 1] = [proc]
         wait_until(lambda: proc.poll() is not None or grpc_serving(health_port), 30, "epp")
         if proc.poll() is not None:
-            raise RuntimeError(f"epp exited: {(self.logdir / 'epp.log').read_text()[-3000:]}")
-        self.envoy = EnvoyProcess(self.envoy_options(listen, grpc_port, admin, layout=self.layout,
-                                                     http_pick_port=pick_port)).start()
+            raise RuntimeError(f"epp exited: {(self.logdir / f'epp-{i}.log').read_text()[-3000:]}")
+
+    def start(self) -> None:
+        pool = self.logdir / "pool.yaml"
+        pool.write_text(POOL_FILE)
+        grpc_ports, pick_ports = [], []
+        for i in range(self.replicas):
+            grpc_port, health_port, metrics_port, pick_port = free_ports(4)
+            args = [sys.executable, "-m", "epp", "serve", "--endpoints", ",".join(self.pods), "--pool-file", str(pool),
+                    "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
+                    "--metrics-port", str(metrics_port), "--http-pick-port", str(pick_port),
+                    "--bind-address", "127.0.0.1", "--seed", "1", "--drain-timeout=0s", "--explain-port", "0"]
+            if self.config:
+                args += ["--config-text", self.config]
+            self.cmds.append((args, health_port, metrics_port))
+            self.procs.append(None)  # type: ignore[arg-type]  # set by _spawn
+            self._spawn(i)
+            grpc_ports.append(grpc_port)
+            pick_ports.append(pick_port)
+        listen, admin = free_ports(2)
+        opts = self.envoy_options(listen, grpc_ports[0], admin, layout=self.layout, http_pick_port=pick_ports[0])
+        self.envoy = (ReplicaEnvoy(opts, grpc_ports[1:]) if self.replicas > 1 else EnvoyProcess(opts)).start()
         self.envoy.wait_ready()
         self.url = self.envoy.url
+
+    def _requests(self, i: int) -> int:
+        """Requests replica i has handled, from its /metrics (0 when it does not answer)."""
+        try:
+            text = httpx.get(f"http://127.0.0.1:{self.cmds[i][2]}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return 0
+        return int(sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                       if ln.startswith("inference_objective_request_total{")))
+
+    def restart(self) -> dict[str, Any]:
+        """SIGKILL every replica and start each again with the same command and ports; Envoy stays."""
+        self.restarted = [self._requests(i) for i in range(self.replicas)]
+        t0 = time.perf_counter()
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        for i in range(self.replicas):
+            self._spawn(i)
+        return {"down_s": round(time.perf_counter() - t0, 3), "requests_before": list(self.restarted)}
+
+    def counters(self) -> dict[str, Any]:
+        after = [self._requests(i) for i in range(self.replicas)]
+        out: dict[str, Any] = {"replica_requests": after}
+        if self.restarted:
+            out = {"replica_requests": [a + b for a, b in zip(after, self.restarted, strict=True)],
+                   "requests_after_restart": after}
+        return out
 
     def stop(self) -> None:
         if self.envoy is not None:
             self.envoy.stop()
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
+        for proc in self.procs:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=30)
 
 
 class _EnvoyOnlyRouter(Router, ABC):
@@ -208,6 +270,7 @@ class PeerRouter(Router):
     def __init__(self, name: str, pods: list[str], logdir: Path, behind_envoy: bool = False) -> None:
         self.name, self.pods, self.logdir = name, pods, logdir
         self.behind_envoy = behind_envoy
+        self.cmd: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
         self.envoy: EnvoyProcess | None = None
 
@@ -232,19 +295,10 @@ class PeerRouter(Router):
         cmd += ["--host", "127.0.0.1", "--port", str(port), "--policy", "cache_aware",
                 "--worker-urls", *[f"http://{p}" for p in self.pods],
                 "--log-level", "warn" if self.name == "sglang-router" else "warning"]
-        log = open(self.logdir / f"{self.name}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.cmd = cmd
+        self._spawn()
         self.url = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {(self.logdir / f'{self.name}.log').read_text()[-3000:]}")
-            try:
-                return httpx.get(f"{self.url}/v1/models", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(ready, 60, self.name)
+        self._wait_ready()
         if self.behind_envoy:
             # As a user behind a gateway runs it: the gateway's Envoy forwards everything to the router.
             listen, admin = free_ports(2)
@@ -252,6 +306,33 @@ class PeerRouter(Router):
             self.envoy.start()
             self.envoy.wait_ready()
             self.url = self.envoy.url
+
+    def _spawn(self) -> None:
+        log = open(self.logdir / f"{self.name}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    def _wait_ready(self) -> None:
+        url = f"http://127.0.0.1:{self.cmd[self.cmd.index('--port') + 1]}"
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {(self.logdir / f'{self.name}.log').read_text()[-3000:]}")
+            try:
+                return httpx.get(f"{url}/v1/models", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 60, self.name)
+
+    def restart(self) -> dict[str, Any]:
+        """SIGKILL the router and start it again on the same port."""
+        t0 = time.perf_counter()
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self._spawn()
+        self._wait_ready()
+        return {"down_s": round(time.perf_counter() - t0, 3)}
 
     def stop(self) -> None:
         if self.envoy is not None:
@@ -333,27 +414,36 @@ async def _send(session: aiohttp.ClientSession, url: str, req: workloads.TimedRe
 
 async def run_one(workload: workloads.Workload, router_name: str, args: argparse.Namespace,
                   logdir: Path) -> RunResult:
+    """One router over one workload on a fresh pool. A scenario (args.scenario, see bench/scenarios.py)
+    may slow one server, send some requests past the router, run epp as replicas or restart it."""
+    scenario = getattr(args, "scenario", "")
     ports = free_ports(args.servers)
     servers = []
     for i, port in enumerate(ports):
+        time_scale = args.time_scale
+        if scenario == "mixed-speed" and i == 0:
+            time_scale *= getattr(args, "slow_factor", 2.0)  # one pod of the pool runs this much slower
         cfg = EngineConfig(max_num_seqs=args.max_num_seqs, num_gpu_blocks=args.num_gpu_blocks,
-                           time_scale=args.time_scale, lora_adapters=list(workload.lora_adapters),
+                           time_scale=time_scale, lora_adapters=list(workload.lora_adapters),
                            max_lora=args.max_lora)
         s = SimulatedServer(f"sim-{i}", port, cfg)
         await s.start()
         servers.append(s)
     pods = [f"127.0.0.1:{p}" for p in ports]
+    replicas = getattr(args, "replicas", 2) if scenario == "replicas" else 1
     router: Router
     if router_name == "epp":
-        router = EppRouter(pods, logdir)
+        router = EppRouter(pods, logdir, replicas=replicas)
     elif router_name == "epp-http-pick":
-        router = EppRouter(pods, logdir, layout="http-pick")
+        router = EppRouter(pods, logdir, layout="http-pick", replicas=replicas)
     elif router_name == "least-queue":
-        router = EppRouter(pods, logdir, LEAST_QUEUE_CONFIG)
+        router = EppRouter(pods, logdir, LEAST_QUEUE_CONFIG, replicas=replicas)
+    elif router_name == "gie-default":
+        router = EppRouter(pods, logdir, await asyncio.to_thread(GIE_WEIGHTS.read_text), replicas=replicas)
     elif router_name == "epp-config":
         if not getattr(args, "epp_config", ""):
             raise ValueError("router epp-config needs --epp-config FILE")
-        router = EppRouter(pods, logdir, await asyncio.to_thread(Path(args.epp_config).read_text))
+        router = EppRouter(pods, logdir, await asyncio.to_thread(Path(args.epp_config).read_text), replicas=replicas)
     elif router_name == "round-robin":
         router = EnvoyPoolRouter(pods, "ROUND_ROBIN")
     elif router_name == "random":
@@ -369,23 +459,40 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
     result = RunResult(workload.name, router_name)
     if getattr(args, "envoy_phases", False):
         router.phase_log = str(logdir / f"envoy-phases-{workload.name}-{router_name}-{time.monotonic_ns()}.log")
+    # The bypass: requests tagged so go straight to one pod (or, spread, to each pod in turn).
+    bypass_urls = ([f"http://{p}" for p in pods] if getattr(args, "bypass_spread", False) else [f"http://{pods[0]}"])
+    result.mechanics["bypass_pods"] = [servers[pods.index(u.removeprefix("http://"))].name for u in bypass_urls]
     try:
         await asyncio.to_thread(router.start)
         await asyncio.sleep(0.5)  # let epp scrape the pool once
         timeout = aiohttp.ClientTimeout(total=300)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             start = time.perf_counter()
+            result.start = start
+            restart: asyncio.Task[None] | None = None
+            if scenario == "restart":
+                restart = asyncio.create_task(_restart_at(router, start + getattr(args, "restart_at", 0.5)
+                                                          * workload_span(workload), result))
             tasks = []
+            bypassed = 0
             for req in workload.requests:
                 delay = start + req.at - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                headers = {"x-gateway-destination-endpoint": router.pick(req)} if router.needs_pick else {}
-                sample = Sample(0, req.tag, 0.0)
+                url, headers = router.url, {}
+                if req.tag == BYPASS:
+                    url = bypass_urls[bypassed % len(bypass_urls)]
+                    bypassed += 1
+                elif router.needs_pick:
+                    headers = {"x-gateway-destination-endpoint": router.pick(req)}
+                sample = Sample(0, req.tag, 0.0, stage=req.stage)
                 result.samples.append(sample)
-                tasks.append(asyncio.create_task(_send(session, router.url, req, headers, sample)))
+                tasks.append(asyncio.create_task(_send(session, url, req, headers, sample)))
             await asyncio.gather(*tasks)
             result.duration = time.perf_counter() - start
+            if restart is not None:
+                await restart
+            result.mechanics.update(await asyncio.to_thread(router.counters))
     finally:
         await asyncio.to_thread(router.stop)
         queries = sum(s.engine.prefix_queries for s in servers)
@@ -400,6 +507,23 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
     return result
 
 
+BYPASS = "bypass"  # the tag of a request that goes straight to a pod, past the router
+
+
+def workload_span(workload: workloads.Workload) -> float:
+    """Seconds from the first arrival's offset 0 to the last arrival."""
+    return max((r.at for r in workload.requests), default=0.0)
+
+
+async def _restart_at(router: Router, when: float, result: RunResult) -> None:
+    """Restart the router at perf_counter `when`, while the run's requests keep arriving."""
+    await asyncio.sleep(max(0.0, when - time.perf_counter()))
+    at = time.perf_counter() - result.start
+    done = await asyncio.to_thread(router.restart)
+    result.mechanics["restart"] = {"at_s": round(at, 3), **done} if done else {"at_s": None,
+                                                                              "note": "no process of its own"}
+
+
 # --- reporting ----------------------------------------------------------------------
 def pct(xs: list[float], p: float) -> float:
     if not xs:
@@ -409,24 +533,30 @@ def pct(xs: list[float], p: float) -> float:
 
 
 def summary(r: RunResult) -> dict[str, Any]:
-    ok = [s for s in r.samples if s.status == 200 and s.ttft is not None]
+    """The run's numbers over the requests the router routed; the bypass's own TTFT apart."""
+    routed = [s for s in r.samples if s.tag != BYPASS]
+    bypass = [s.ttft * 1e3 for s in r.samples if s.tag == BYPASS and s.status == 200 and s.ttft is not None]
+    ok = [s for s in routed if s.status == 200 and s.ttft is not None]
     ttft = [s.ttft * 1e3 for s in ok]
     itl = [s.itl * 1e3 for s in ok if s.itl is not None]
     e2e = [s.e2e * 1e3 for s in ok]
     tokens = sum(s.tokens for s in ok)
     return {
-        "workload": r.workload, "router": r.router, "requests": len(r.samples), "ok": len(ok),
-        "shed": sum(1 for s in r.samples if s.status == 429),
-        "errors": sum(1 for s in r.samples if s.status not in (200, 429)),
+        "workload": r.workload, "router": r.router, "requests": len(routed), "ok": len(ok),
+        "shed": sum(1 for s in routed if s.status == 429),
+        "errors": sum(1 for s in routed if s.status not in (200, 429)),
+        "bypass_requests": len(r.samples) - len(routed), "bypass_ok": len(bypass),
+        "bypass_ttft_p50": pct(bypass, 50), "bypass_ttft_p90": pct(bypass, 90),
         "ttft_p50": pct(ttft, 50), "ttft_p90": pct(ttft, 90), "ttft_p99": pct(ttft, 99),
         "server_ttft_p50": pct(r.server_ttft, 50), "server_ttft_p90": pct(r.server_ttft, 90),
         # What the way to and from the server adds to TTFT (gateway, pick, client), on average.
+        # (Not with a bypass: the servers' own TTFTs then include the bypassing requests.)
         "path_ms": (statistics.fmean(ttft) - statistics.fmean(r.server_ttft)) if ttft and r.server_ttft
-        else float("nan"),
+        and not bypass else float("nan"),
         "itl_p50": pct(itl, 50), "itl_p90": pct(itl, 90),
         "e2e_p50": pct(e2e, 50), "e2e_p90": pct(e2e, 90), "e2e_p99": pct(e2e, 99),
         "throughput_tok_s": tokens / r.duration if r.duration else 0.0,
-        "prefix_hit_rate": r.prefix_hit_rate, "per_pod": r.per_pod,
+        "prefix_hit_rate": r.prefix_hit_rate, "per_pod": r.per_pod, "mechanics": r.mechanics,
         "ttft_p90_high_priority": pct([s.ttft * 1e3 for s in ok if not s.tag], 90),
         **{f"envoy_{k}": v for k, v in r.envoy_phases.items()},
     }
@@ -567,8 +697,15 @@ def round_order(routers: list[str], k: int) -> list[str]:
     return routers[k:] + routers[:k]
 
 
-async def run_all(args: argparse.Namespace, logdir: Path) -> tuple[list[RunResult], list[str]]:
-    names = [w for w in args.workloads.split(",") if w]
+async def run_all(args: argparse.Namespace, logdir: Path
+                  ) -> tuple[list[RunResult], list[str], dict[str, workloads.Workload]]:
+    from bench import scenarios
+
+    scenario_names = [s for s in getattr(args, "scenarios", "").split(",") if s]
+    names = scenario_names or [w for w in args.workloads.split(",") if w]
+    if not args.routers:
+        args.routers = scenarios.DEFAULT_ROUTERS if scenario_names else ",".join(r for r in ROUTERS
+                                                                                if r != "epp-config")
     routers = [r for r in args.routers.split(",") if r]
     skipped = []
     for r in list(routers):
@@ -576,15 +713,18 @@ async def run_all(args: argparse.Namespace, logdir: Path) -> tuple[list[RunResul
         if peer in PeerRouter.COMMANDS and not PeerRouter.available(peer):
             routers.remove(r)
             skipped.append(f"{r}: not installed (pip install {peer})")
-    wl = {n: workloads.build(n, args.rate, args.duration, args.seed) for n in names}
+    wl = {n: scenarios.build(n, args) if scenario_names else workloads.build(n, args.rate, args.duration, args.seed)
+          for n in names}
     results: list[RunResult] = []
     for n in names:
+        run_args = argparse.Namespace(**{**vars(args), "scenario": n if scenario_names else ""})
         for k in range(args.repeat):
             for rt in round_order(routers, k):
                 tag = f" (round {k + 1} of {args.repeat})" if args.repeat > 1 else ""
-                print(f"[{n}] {rt}{tag}: {len(wl[n].requests)} requests over {args.duration:g}s ...", flush=True)
+                span = workload_span(wl[n])
+                print(f"[{n}] {rt}{tag}: {len(wl[n].requests)} requests over {span:.0f}s ...", flush=True)
                 try:
-                    r = await run_one(wl[n], rt, args, logdir)
+                    r = await run_one(wl[n], rt, run_args, logdir)
                 except Exception as e:  # a peer that fails to run is reported, not fatal
                     print(f"  {rt} failed: {e}", flush=True)
                     skipped.append(f"{rt} on {n}: {e}")
@@ -594,29 +734,42 @@ async def run_all(args: argparse.Namespace, logdir: Path) -> tuple[list[RunResul
                 row = summary(r)
                 print(f"  ok {row['ok']} shed {row['shed']} err {row['errors']}  TTFT p50 {row['ttft_p50']:.1f} "
                       f"p90 {row['ttft_p90']:.1f} ms  hit {row['prefix_hit_rate']:.0%}", flush=True)
-    return results, skipped
+    return results, skipped, wl
 
 
-def write_report(args: argparse.Namespace, results: list[RunResult], skipped: list[str]) -> None:
-    wl = {r.workload: workloads.build(r.workload, args.rate, args.duration, args.seed) for r in results}
+def write_report(args: argparse.Namespace, results: list[RunResult], skipped: list[str],
+                 wl: dict[str, workloads.Workload]) -> None:
+    from bench import scenarios
+
+    scenario_names = [s for s in getattr(args, "scenarios", "").split(",") if s]
     rows = combined(results)
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
-    stem = args.stem or time.strftime("routing-%Y-%m-%d")
-    report = [f"# Routing benchmark ({time.strftime('%Y-%m-%d')})", "",
+    stem = args.stem or ("routing-scenarios" if scenario_names else time.strftime("routing-%Y-%m-%d"))
+    extra: list[str] = []
+    if scenario_names:
+        ladder = scenarios.stages(args)
+        extra = ["## Targets (issue #16)", "", "```", *scenarios.target_lines(rows, results, ladder), "```", "",
+                 "## What each scenario did", ""]
+        for n in dict.fromkeys(r["workload"] for r in rows):
+            extra += [f"### {n}", "", *scenarios.mechanics_table(rows, n),
+                      *(scenarios.stage_tables(results, ladder) if n == "upstream-shared-prefix" else [])]
+    report = ["# Routing benchmark" + (": scenarios" if scenario_names else ""), "",
               f"Command: `bench/run {' '.join(sys.argv[1:])}`".rstrip(), "",
               f"Pool: {args.servers} simulated vLLM servers (Llama-3.1-8B on H100 latency model, "
               f"max_num_seqs {args.max_num_seqs}, {args.num_gpu_blocks} KV blocks of 16 tokens, max_lora "
               f"{args.max_lora}, time scale {args.time_scale:g}); Poisson arrivals at {args.rate:g} req/s for "
-              f"{args.duration:g} s; seed {args.seed}. Every router saw the same requests on a fresh, cold pool"
+              f"{args.duration:g} s (upstream-shared-prefix: its stages); seed {args.seed}. Every router saw the "
+              "same requests on a fresh, cold pool"
               + (f", {args.repeat} times, routers in turn; numbers are medians over the rounds." if args.repeat > 1
-                 else "."), "",
-              markdown(rows, wl), "## Ratios (p90 TTFT, other / epp)", "", "```", *ratios(rows), "```", ""]
+                 else "."), "", *([scenarios.options_line(args, scenario_names), ""] if scenario_names else []),
+              markdown(rows, wl), *extra, "## Ratios (p90 TTFT, other / epp)", "", "```", *ratios(rows), "```", ""]
     if skipped:
         report += ["## Not run", "", *[f"- {s}" for s in skipped], ""]
     (outdir / f"{stem}.md").write_text("\n".join(report))
     raw = {"args": vars(args), "summary": rows, "runs": [
-        {"workload": r.workload, "router": r.router, "round": r.round, "duration": r.duration,
+        {"workload": r.workload, "router": r.router, "round": r.round, "duration": r.duration, "start": r.start,
+         "mechanics": r.mechanics,
          "prefix_hit_rate": r.prefix_hit_rate, "per_pod": r.per_pod, "server_ttft_ms": r.server_ttft,
          "envoy_phases_ms": r.envoy_phases, "samples": [asdict(s) for s in r.samples]} for r in results]}
     (outdir / f"{stem}.json").write_text(json.dumps(raw))
@@ -629,7 +782,8 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="shared-prefix,multi-turn,rag,lora,mixed-priority,random")
-    p.add_argument("--routers", default=",".join(r for r in ROUTERS if r != "epp-config"))
+    p.add_argument("--routers", default="", help="comma-separated (default: all but epp-config; with --scenarios: "
+                   "epp, round-robin, least-queue, gie-default and the peers)")
     p.add_argument("--epp-config", default="", help="EndpointPickerConfig file for the router epp-config")
     p.add_argument("--rate", type=float, default=12.0, help="requests per second (Poisson)")
     p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per run")
@@ -645,6 +799,9 @@ def main() -> None:
     p.add_argument("--stem", default="", help="output file name stem (default routing-DATE)")
     p.add_argument("--envoy-phases", action="store_true",
                    help="give each Envoy an access log and report where the time went inside it (the pick hop)")
+    from bench import scenarios
+
+    scenarios.add_options(p)
     args = p.parse_args()
     try:
         import uvloop
@@ -656,8 +813,8 @@ def main() -> None:
     # A SIGTERM stops the run as Ctrl-C does, so the routers' child processes (epp, Envoy, peers) stop too.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     logdir = Path(tempfile.mkdtemp(prefix="epp-bench-"))
-    results, skipped = asyncio.run(run_all(args, logdir))
-    write_report(args, results, skipped)
+    results, skipped, wl = asyncio.run(run_all(args, logdir))
+    write_report(args, results, skipped, wl)
     print(f"logs of epp, Envoy and the peer routers: {logdir}")
 
 

@@ -81,7 +81,8 @@ class TimedRequest:
     path: str
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
-    tag: str = ""  # e.g. the objective, for per-class results
+    tag: str = ""  # e.g. the objective, for per-class results; "bypass": sent past the router
+    stage: int = 0  # the index of its load stage, for staged workloads
 
 
 @dataclass
@@ -281,3 +282,43 @@ def build(name: str, rate: float, duration: float, seed: int) -> Workload:
     if name not in BUILDERS:
         raise ValueError(f"unknown workload {name!r}; known: {', '.join(BUILDERS)}")
     return BUILDERS[name](rate, duration, seed)
+
+
+# inference-perf's shared_prefix data as GIE's prefix-cache-aware benchmark publishes it
+# (benchmarking/prefix-cache-aware, "short questions, many system prompts"): a Poisson ladder of
+# rates, each (rate req/s, duration s); the first stage is its warm-up.
+UPSTREAM_STAGES = ((15, 50), (10, 20), (15, 20), (20, 38), (25, 30), (30, 25), (35, 21), (40, 38), (45, 36),
+                   (50, 30), (55, 27), (60, 25))
+
+
+def upstream_shared_prefix(
+    seed: int,
+    *,
+    stages: tuple[tuple[float, float], ...] = UPSTREAM_STAGES,
+    scale: float = 1.0,
+    groups: int = 150,
+    prompts_per_group: int = 5,
+    system_tokens: int = 6000,
+    question_tokens: int = 1200,
+    output_tokens: int = 1000,
+) -> Workload:
+    """groups x prompts_per_group fixed prompts (a group's system prompt + one of its questions), each
+    request one of them at random, Poisson within each stage; `scale` multiplies every token count."""
+    rng = random.Random(seed)
+    sys_t, q_t, out_t = (max(1, round(n * scale)) for n in (system_tokens, question_tokens, output_tokens))
+    prompts = []
+    for g in range(groups):
+        system = f"System prompt {g}. " + words(rng, sys_t)
+        prompts.append([system + f"\nQuestion {p}: " + words(rng, q_t) for p in range(prompts_per_group)])
+    reqs, offset = [], 0.0
+    for k, (rate, duration) in enumerate(stages):
+        for at in _arrivals(rng, rate, duration):
+            body = {"model": BASE_MODEL, "prompt": rng.choice(rng.choice(prompts)), "max_tokens": out_t,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            reqs.append(TimedRequest(offset + at, "/v1/completions", body, stage=k))
+        offset += duration
+    ladder = ", ".join(f"{r:g}/s x {d:g} s" for r, d in stages)
+    return Workload("upstream-shared-prefix", reqs, description=(
+        f"inference-perf shared_prefix: {groups} groups x {prompts_per_group} prompts, system prompt {sys_t} tokens, "
+        f"question {q_t}, output {out_t} (token counts x {scale:g} of upstream's 6000/1200/1000); Poisson stages "
+        f"{ladder}"))
