@@ -49,6 +49,7 @@ ZAP_LEVELS = {"debug": 1, "info": 0, "error": -1, "panic": -2}
 STACKTRACE_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR,
                      "panic": logging.CRITICAL}
 MAX_PROMPT_LOGGED = 4096
+_HANDLER_NAME = "epp"
 
 logging.addLevelName(TRACE, "TRACE")
 _PICK_LOG = logging.getLogger("epp.pick")
@@ -176,8 +177,9 @@ class ZapConsoleFormatter(logging.Formatter):
 def configure(*, encoder: str | None = "json", verbosity: int = DEFAULT_VERBOSITY, zap_log_level: str | None = None,
               time_encoding: str | None = None, stream: IO[str] | None = None, devel: bool = False,
               stacktrace_level: str | None = None) -> logging.Handler:
-    """Install epp's log handler on the root logger for these flags; returns it. Raises ValueError on bad values.
-    None for a flag means it was not given (its default depends on `devel`)."""
+    """Install epp's log handler on the root logger for these flags (replacing the one a previous call
+    installed); returns it. Raises ValueError on bad values. None for a flag means it was not given
+    (its default depends on `devel`)."""
     encoder = (encoder or ("console" if devel else "json")).strip().strip('"')
     if encoder not in ENCODERS:
         raise ValueError(f"invalid --zap-encoder {encoder!r}: expected json or console")
@@ -191,9 +193,11 @@ def configure(*, encoder: str | None = "json", verbosity: int = DEFAULT_VERBOSIT
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(ZapJsonFormatter(encoding) if encoder == "json" else ZapConsoleFormatter(encoding))
     handler.addFilter(_CallerStack(STACKTRACE_LEVELS[stack_name]))
+    handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if old.get_name() == _HANDLER_NAME:  # configured again: one handler, the new one
+            root.removeHandler(old)
     root.addHandler(handler)
     # epp's own loggers follow -v; libraries (grpc, asyncio, aiohttp) never log below info here, and
     # their chatter at info (httpx: every scrape) is left out: epp reports state changes itself.

@@ -7,11 +7,13 @@ with argparse's exit code 2, before anything starts.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -19,6 +21,19 @@ import pytest
 from epp import cli
 from epp.server import EppServer
 from epp.stack import free_ports, grpc_serving, wait_until
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """`cli.main` in this process installs epp's log handler on this test's stderr: removed afterwards."""
+    root, own = logging.getLogger(), logging.getLogger("epp")
+    saved = (list(root.handlers), root.level, own.level)
+    yield
+    for h in list(root.handlers):
+        if h not in saved[0]:
+            root.removeHandler(h)
+    root.setLevel(saved[1])
+    own.setLevel(saved[2])
 
 
 def serve_args(*argv: str):
