@@ -70,6 +70,7 @@ class Director:
         self.datastore = datastore
         self.config = config
         self.scheduler = config.scheduler
+        self.scheduler.metrics = metrics  # per-plugin durations and the pick's prefix match
         self.metrics = metrics
         self.explain_headers = explain_headers
         self.emit_endpoint_scores = emit_endpoint_scores

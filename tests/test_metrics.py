@@ -226,7 +226,6 @@ async def test_each_plugin_run_and_the_picks_prefix_match_are_recorded(
     """Real requests through the default profile: every filter, scorer, picker and PreRequest hook is timed
     per run, and the second request with the same prompt finds its whole prefix on the endpoint picked."""
     server, _ = pool
-    server.director.scheduler.metrics = server.metrics  # what the director sets (see the report)
     prompt = "a long shared prompt that fills several blocks " * 20
     first = await stream_request(server, completion(prompt), sse(1, 200, 0), TENANT)
     second = await stream_request(server, completion(prompt), sse(1, 200, 0), TENANT)
