@@ -19,9 +19,7 @@ log = logging.getLogger("epp")
 
 # Go EPP flags that epp accepts so its manifests work unchanged, but that change nothing here.
 # Each one given is named in a warning at start-up.
-_ACCEPTED_GO_FLAGS_WITH_VALUE = (
-    "--cache-info-metric",
-)
+_ACCEPTED_GO_FLAGS_WITH_VALUE: tuple[str, ...] = ()
 _ACCEPTED_GO_BOOL_FLAGS = (
     "--health-checking", "--enable-pprof", "--enable-grpc-stream-metrics",
     "--allow-experimental-plugins",
@@ -81,6 +79,8 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (default 9090)")
     g.add_argument("--http-pick-port", type=int, default=9004,
                    help="the pick over HTTP for Envoy's ext_authz, the http-pick Envoy layout (default 9004; 0: off)")
+    g.add_argument("--http-pick-header-timeout", type=_duration, default=10.0, metavar="DURATION",
+                   help="the HTTP pick closes a connection whose request headers take longer (default 10s)")
     g.add_argument("--bind-address", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     g = p.add_argument_group("pool: from the Kubernetes API (as the Go EPP), a static list, or a file")
     g.add_argument("--pool-name", type=_text, default="",
@@ -142,6 +142,8 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--total-running-requests-metric", type=_text)
     g.add_argument("--kv-cache-usage-percentage-metric", type=_text)
     g.add_argument("--lora-info-metric", type=_text, help="the LoRA info metric; an empty value turns LoRA off")
+    g.add_argument("--cache-info-metric", type=_text,
+                   help="the metric whose labels give the server's KV-cache geometry (block_size, num_gpu_blocks)")
     g.add_argument("--model-server-metrics-https-insecure-skip-verify", nargs="?", const=True, type=_bool,
                    default=True, metavar="BOOL",
                    help="with --model-server-metrics-scheme https: do not verify the servers' certificates "
@@ -247,6 +249,7 @@ def _options(args: argparse.Namespace):
         grpc_health_port=args.grpc_health_port,
         metrics_port=args.metrics_port,
         http_pick_port=args.http_pick_port,
+        http_pick_header_timeout=args.http_pick_header_timeout,
         bind_address=args.bind_address,
         endpoints=args.endpoints,
         pool_file=args.pool_file,
@@ -275,6 +278,7 @@ def _options(args: argparse.Namespace):
         total_running_requests_metric=args.total_running_requests_metric,
         kv_cache_usage_percentage_metric=args.kv_cache_usage_percentage_metric,
         lora_info_metric=args.lora_info_metric,
+        cache_info_metric=args.cache_info_metric,
         model_server_metrics_insecure_skip_verify=args.model_server_metrics_https_insecure_skip_verify,
         config_file=args.config_file,
         config_text=args.config_text,
@@ -347,7 +351,7 @@ def _check_config(path: str) -> int:
     from epp.scheduling import picker_config
 
     try:
-        config = picker_config.load_file(path)  # as `epp serve` loads it
+        config = picker_config.load_file(path, runs_flow_control=True)  # as `epp serve` loads it
     except ConfigError as e:
         print(f"epp check-config: {e}", file=sys.stderr)
         return 1

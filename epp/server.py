@@ -100,6 +100,7 @@ class ServeOptions:
     total_running_requests_metric: str | None = None
     kv_cache_usage_percentage_metric: str | None = None
     lora_info_metric: str | None = None
+    cache_info_metric: str | None = None
     model_server_metrics_insecure_skip_verify: bool = True
     config_file: str | None = None
     config_text: str | None = None
@@ -154,6 +155,7 @@ def engine_mapper(opts: ServeOptions) -> dict[str, engines.EngineMapping]:
         running=opts.total_running_requests_metric,
         kv_usage=opts.kv_cache_usage_percentage_metric,
         lora_info=opts.lora_info_metric,
+        cache_info=opts.cache_info_metric,
     )
     return by_name
 

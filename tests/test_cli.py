@@ -204,6 +204,21 @@ def test_quoted_values_as_the_upstream_chart_renders_them() -> None:
     assert server.engines["vllm"].queue[0].name == "sglang:num_queue_reqs"
 
 
+def test_cache_info_metric_and_the_pick_header_timeout_reach_the_server() -> None:
+    opts = cli._options(serve_args("--endpoints", "127.0.0.1:9", '--cache-info-metric="sglang:cache_config_info"',
+                                   "--http-pick-header-timeout", "3s"))
+    assert EppServer(opts).engines["vllm"].cache_info[0].name == "sglang:cache_config_info"
+    assert opts.http_pick_header_timeout == 3.0
+    assert "--cache-info-metric" not in cli.no_effect_flags(serve_args("--cache-info-metric", "x"))
+
+
+def test_check_config_loads_a_flow_control_config_as_serve_does(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    epc = tmp_path / "fc.yaml"
+    epc.write_text("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nfeatureGates: [flowControl]\n"
+                   "plugins:\n- type: queue-scorer\n- type: max-score-picker\n")
+    assert cli.main(["check-config", str(epc)]) == 0, capsys.readouterr().err
+
+
 def test_tls_cipher_suites_are_refused_with_the_way_to_set_them(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--endpoints", "127.0.0.1:9", "--tls-cipher-suites", "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"]) == 1
     assert "GRPC_SSL_CIPHER_SUITES" in capsys.readouterr().err
