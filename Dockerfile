@@ -17,7 +17,7 @@ COPY build/image/wheels /wheels
 RUN set -- /wheels/pip-*.whl \
  && python3 -m venv --without-pip /opt/epp \
  && /opt/epp/bin/python "$1/pip" install -q --no-index --find-links /wheels --no-cache-dir \
-      --disable-pip-version-check --no-warn-script-location epp \
+      --disable-pip-version-check --no-warn-script-location "epp[tracing]" \
  && /opt/epp/bin/epp --help >/dev/null
 
 FROM ${BASE_IMAGE}

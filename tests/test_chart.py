@@ -995,9 +995,19 @@ def test_flags_render_as_name_equals_value():
     assert argv[-1] == "--tracing=false"
 
 
+def test_tracing_renders_the_flag_and_upstreams_otel_environment():
+    docs = render(merged(POOL, sets("inferenceExtension.tracing.enabled=true",
+                                    "inferenceExtension.tracing.sampling.samplerArg=0.5")))
+    assert args(docs)[-1] == "--tracing=true"
+    env = {e["name"]: e.get("value") for e in epp_container(docs)["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://localhost:4317"
+    assert (env["OTEL_TRACES_SAMPLER"], env["OTEL_TRACES_SAMPLER_ARG"]) == ("parentbased_traceidratio", "0.5")
+    assert env["OTEL_TRACES_EXPORTER"] == "otlp"
+    assert "OTEL_TRACES_EXPORTER" not in {e["name"] for e in epp_container(render(POOL))["env"]}
+
+
 @pytest.mark.parametrize(("values", "message"), [
     ({"inferencePool": {"modelServers": {}}}, "matchLabels is required"),
-    (merged(POOL, sets("inferenceExtension.tracing.enabled=true")), "epp emits no OpenTelemetry traces"),
     (merged(POOL, sets("inferenceExtension.latencyPredictor.enabled=true")), "not supported by epp"),
     (merged(POOL, sets("inferenceExtension.sidecar.enabled=true")), "runs no proxy sidecar"),
     (merged(POOL, sets("inferencePool.parser=anthropic-parser")), 'parser "anthropic-parser" is not supported'),

@@ -277,9 +277,6 @@ over it, checked once. Templates read it with `include "inferencepool.settings" 
 {{- $_ := set $s "httpRouteOn" $routeOn -}}
 
 {{- /* What epp cannot honour fails here, with the reason, instead of being dropped. */ -}}
-{{- if eq (toString ($ie.tracing | default dict).enabled) "true" -}}
-{{- fail "tracing.enabled: epp emits no OpenTelemetry traces; leave tracing off" -}}
-{{- end -}}
 {{- if eq (toString ($ie.latencyPredictor | default dict).enabled) "true" -}}
 {{- fail "latencyPredictor.enabled: the latency-predictor sidecars and their scorers are not supported by epp" -}}
 {{- end -}}
