@@ -461,7 +461,11 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
         router.phase_log = str(logdir / f"envoy-phases-{workload.name}-{router_name}-{time.monotonic_ns()}.log")
     # The bypass: requests tagged so go straight to one pod (or, spread, to each pod in turn).
     bypass_urls = ([f"http://{p}" for p in pods] if getattr(args, "bypass_spread", False) else [f"http://{pods[0]}"])
-    result.mechanics["bypass_pods"] = [servers[pods.index(u.removeprefix("http://"))].name for u in bypass_urls]
+    if scenario == "bypass":
+        result.mechanics["bypass_pods"] = [servers[pods.index(u.removeprefix("http://"))].name for u in bypass_urls]
+    if scenario == "mixed-speed":
+        result.mechanics["time_scale"] = {s.name: s.cfg.time_scale for s in servers}
+    result.mechanics["ports"] = {s.name: s.port for s in servers}
     try:
         await asyncio.to_thread(router.start)
         await asyncio.sleep(0.5)  # let epp scrape the pool once
@@ -754,12 +758,13 @@ def write_report(args: argparse.Namespace, results: list[RunResult], skipped: li
         for n in dict.fromkeys(r["workload"] for r in rows):
             extra += [f"### {n}", "", *scenarios.mechanics_table(rows, n),
                       *(scenarios.stage_tables(results, ladder) if n == "upstream-shared-prefix" else [])]
+    stages_note = " (upstream-shared-prefix: its own stages)" if "upstream-shared-prefix" in scenario_names else ""
     report = ["# Routing benchmark" + (": scenarios" if scenario_names else ""), "",
               f"Command: `bench/run {' '.join(sys.argv[1:])}`".rstrip(), "",
               f"Pool: {args.servers} simulated vLLM servers (Llama-3.1-8B on H100 latency model, "
               f"max_num_seqs {args.max_num_seqs}, {args.num_gpu_blocks} KV blocks of 16 tokens, max_lora "
               f"{args.max_lora}, time scale {args.time_scale:g}); Poisson arrivals at {args.rate:g} req/s for "
-              f"{args.duration:g} s (upstream-shared-prefix: its stages); seed {args.seed}. Every router saw the "
+              f"{args.duration:g} s{stages_note}; seed {args.seed}. Every router saw the "
               "same requests on a fresh, cold pool"
               + (f", {args.repeat} times, routers in turn; numbers are medians over the rounds." if args.repeat > 1
                  else "."), "", *([scenarios.options_line(args, scenario_names), ""] if scenario_names else []),

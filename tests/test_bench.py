@@ -1,4 +1,5 @@
-"""The routing benchmark runs end to end, and prefix-aware routing shows in the servers' own cache counters.
+"""The routing benchmark runs end to end, and prefix-aware routing shows in the servers' own cache counters;
+each scenario does to the pool what it says (the bypass, the replicas, the restart, the slow pod, the stages).
 
 A short, seeded shared-prefix workload through epp (real Envoy + epp) and through
 Envoy's round-robin, on fresh simulated pools; the hit rates are the simulators'
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import routing, workloads
+from bench import routing, scenarios, workloads
 
 pytestmark = pytest.mark.integration
 
@@ -76,3 +77,96 @@ def test_repeated_rounds_report_the_median_and_every_round() -> None:
     report = routing.markdown(list(rows.values()), {"shared-prefix": wl})
     assert "| 20.0, 30.0, 80.0 |" in report
     assert "shared-prefix: p90 TTFT sglang-router / epp = 1.50x" in "\n".join(routing.ratios(list(rows.values())))
+
+
+# --- scenarios (bench/scenarios.py), each at a tiny size -------------------------------------
+def scenario_args(name: str, **kw) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    scenarios.add_options(p)
+    base = vars(p.parse_args([]))
+    return args(**{**base, "rate": 12, "duration": 4, "seed": 3, "scenario": name, **kw})
+
+
+async def test_bypass_requests_reach_their_pod_past_the_router(tmp_path: Path) -> None:
+    a = scenario_args("bypass", bypass_tokens=400)
+    wl = scenarios.build("bypass", a)
+    bypass = sum(1 for r in wl.requests if r.tag == routing.BYPASS)
+    assert 0 < bypass < len(wl.requests)
+    r = await routing.run_one(wl, "epp", a, tmp_path)
+    assert [s.status for s in r.samples] == [200] * len(wl.requests)
+    row = routing.summary(r)
+    # The table counts only what the router routed; the bypass is reported apart.
+    assert row["requests"] == len(wl.requests) - bypass
+    assert row["bypass_requests"] == row["bypass_ok"] == bypass
+    assert row["bypass_ttft_p90"] > 0
+    # The servers' own counters: the bypassed pod served every bypassing request on top of its picks.
+    assert r.mechanics["bypass_pods"] == ["sim-0"]
+    port = str(r.mechanics["ports"]["sim-0"])
+    assert all(s.pod == port for s in r.samples if s.tag == routing.BYPASS)
+    assert r.per_pod["sim-0"] >= bypass
+    assert sum(r.per_pod.values()) == len(wl.requests)
+    table = "\n".join(scenarios.mechanics_table([row], "bypass"))
+    assert f"| epp | {bypass} ({bypass}) |" in table
+
+
+async def test_replicas_split_the_picks_between_two_epps(tmp_path: Path) -> None:
+    a = scenario_args("replicas")
+    wl = scenarios.build("replicas", a)
+    r = await routing.run_one(wl, "epp", a, tmp_path)
+    assert [s.status for s in r.samples] == [200] * len(wl.requests)
+    # Each replica's own /metrics: both handled requests, together all of them.
+    counts = r.mechanics["replica_requests"]
+    assert len(counts) == 2
+    assert min(counts) > 0
+    assert sum(counts) == len(wl.requests)
+    assert "| epp | " in "\n".join(scenarios.mechanics_table([routing.summary(r)], "replicas"))
+
+
+async def test_restart_kills_epp_mid_run_and_the_new_one_routes(tmp_path: Path) -> None:
+    a = scenario_args("restart", duration=6, restart_at=0.3)
+    wl = scenarios.build("restart", a)
+    r = await routing.run_one(wl, "epp", a, tmp_path)
+    m = r.mechanics["restart"]
+    assert 1.0 < m["at_s"] < 3.0
+    assert m["down_s"] > 0
+    # The killed epp had picked some; the one started on the same ports picked the rest that got through.
+    assert m["requests_before"][0] > 0
+    assert r.mechanics["requests_after_restart"][0] > 0
+    ok = sum(1 for s in r.samples if s.status == 200)
+    assert len(wl.requests) // 2 < ok < len(wl.requests)  # the requests in the gap failed, the rest did not
+    rows = [routing.summary(r)]
+    assert "| epp | " in "\n".join(scenarios.mechanics_table(rows, "restart"))
+
+
+async def test_mixed_speed_has_one_slow_pod(tmp_path: Path) -> None:
+    a = scenario_args("mixed-speed", time_scale=1.0)
+    wl = scenarios.build("mixed-speed", a)
+    r = await routing.run_one(wl, "round-robin", a, tmp_path)
+    assert r.mechanics["time_scale"] == {"sim-0": 2.0, "sim-1": 1.0, "sim-2": 1.0}
+    # A client sees it: answers from sim-0 take longer end to end than anyone else's.
+    port = str(r.mechanics["ports"]["sim-0"])
+    slow = [s.e2e for s in r.samples if s.pod == port and s.e2e]
+    fast = [s.e2e for s in r.samples if s.pod != port and s.e2e]
+    assert slow
+    assert fast
+    assert min(slow) > 1.4 * sorted(fast)[len(fast) // 2]
+
+
+async def test_upstream_shared_prefix_reports_each_stage(tmp_path: Path) -> None:
+    a = scenario_args("upstream-shared-prefix", scale=0.02, stages="3:1.5,8:1.5")
+    wl = scenarios.build("upstream-shared-prefix", a)
+    assert {r.stage for r in wl.requests} == {0, 1}
+    first = wl.requests[0].body
+    assert first["max_tokens"] == 20  # 1000 output tokens x 0.02
+    results = [await routing.run_one(wl, rt, a, tmp_path) for rt in ("epp", "round-robin")]
+    ladder = scenarios.stages(a)
+    for r in results:
+        assert [s.status for s in r.samples] == [200] * len(wl.requests)
+        stats = scenarios.stage_stats(r, ladder)
+        assert [st["sent"] for st in stats] == [sum(1 for q in wl.requests if q.stage == k) for k in (0, 1)]
+        assert all(st["output_tok_s"] > 0 and st["ttft_p90"] > 0 for st in stats)
+    table = scenarios.stage_tables(results, ladder)
+    assert any(line.startswith("| 1 | 8/s |") for line in table)
+    lines = scenarios.target_lines([routing.summary(r) for r in results], results, ladder)
+    assert any("top stage (8/s): output tokens/s epp / round-robin" in ln for ln in lines)
+    assert any("top stage (8/s): p90 TTFT round-robin / epp" in ln and "target >= 100" in ln for ln in lines)
