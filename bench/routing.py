@@ -2,12 +2,14 @@
 
     bench/run [--workloads shared-prefix,random] [--routers epp,round-robin,...] [--rate 12] [--duration 40]
               [--repeat 1]
+    bench/run --scenarios bypass,replicas,restart,mixed-speed,upstream-shared-prefix   (bench/scenarios.py)
 
 Routers (each gets a fresh pool of simulators, cold caches, and the identical request stream):
 
 - epp:          Envoy -> epp (default EndpointPickerConfig) -> pod, the pick over ext_proc (deploy/envoy.yaml)
 - epp-http-pick: the same epp, the pick over HTTP through ext_authz (deploy/envoy-http-pick.yaml)
 - least-queue:  Envoy -> epp configured with queue-scorer only
+- gie-default:  Envoy -> epp with GIE's default weights (bench/configs/gie-weights.yaml)
 - epp-config:   Envoy -> epp with the EndpointPickerConfig file given by --epp-config (A/B a profile)
 - round-robin:  Envoy's ROUND_ROBIN over the pods (what a plain Kubernetes Service gives)
 - random:       Envoy's RANDOM over the pods
