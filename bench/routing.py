@@ -710,8 +710,8 @@ async def run_all(args: argparse.Namespace, logdir: Path
     scenario_names = [s for s in getattr(args, "scenarios", "").split(",") if s]
     names = scenario_names or [w for w in args.workloads.split(",") if w]
     if not args.routers:
-        args.routers = scenarios.DEFAULT_ROUTERS if scenario_names else ",".join(r for r in ROUTERS
-                                                                                if r != "epp-config")
+        args.routers = scenarios.DEFAULT_ROUTERS if scenario_names else ",".join(
+            r for r in ROUTERS if r not in ("epp-config", "gie-default"))
     routers = [r for r in args.routers.split(",") if r]
     skipped = []
     for r in list(routers):
@@ -789,8 +789,8 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="shared-prefix,multi-turn,rag,lora,mixed-priority,random")
-    p.add_argument("--routers", default="", help="comma-separated (default: all but epp-config; with --scenarios: "
-                   "epp, round-robin, least-queue, gie-default and the peers)")
+    p.add_argument("--routers", default="", help="comma-separated (default: all but epp-config and gie-default; "
+                   "with --scenarios: epp, round-robin, least-queue, gie-default and the peers)")
     p.add_argument("--epp-config", default="", help="EndpointPickerConfig file for the router epp-config")
     p.add_argument("--rate", type=float, default=12.0, help="requests per second (Poisson)")
     p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per run")
