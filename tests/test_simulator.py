@@ -234,6 +234,22 @@ def test_several_servers_of_one_process_publish_on_consecutive_ports() -> None:
     assert [offset_endpoint("tcp://*:5557", i) for i in range(3)] == ["tcp://*:5557", "tcp://*:5558", "tcp://*:5559"]
 
 
+def test_the_publisher_binds_or_connects_by_the_endpoints_form_as_vllm() -> None:
+    from epp.simulator.kv_publisher import parse_kv_events_config, server_config
+
+    def cfg(endpoint: str) -> bool:
+        parsed = parse_kv_events_config(f'{{"publisher": "zmq", "endpoint": "{endpoint}"}}')
+        assert parsed is not None
+        return parsed.bind
+
+    assert [cfg(e) for e in ("tcp://*:5557", "tcp://0.0.0.0:5557", "tcp://[::]:5557", "ipc:///tmp/kv")] == [True] * 4
+    assert [cfg(e) for e in ("tcp://epp.default.svc:5557", "tcp://127.0.0.1:5557")] == [False] * 2
+    central = parse_kv_events_config('{"publisher": "zmq", "endpoint": "tcp://10.0.0.9:5557"}')
+    assert central is not None
+    # several servers of one process all connect to the one central socket
+    assert {server_config(central, i).endpoint for i in range(3)} == {"tcp://10.0.0.9:5557"}
+
+
 async def test_the_simulator_command_publishes_with_vllms_flag() -> None:
     """`python -m epp.simulator --kv-events-config '{...}'` publishes its cache's blocks."""
     import json
@@ -254,7 +270,7 @@ async def test_the_simulator_command_publishes_with_vllms_flag() -> None:
         cfg, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sub = Subscriber(BlockIndex())
     try:
-        sub.add("central", f"tcp://127.0.0.1:{z}")
+        sub.add("central", f"tcp://127.0.0.1:{z}", bind=True)  # vLLM's rule: a host endpoint is connected to
         pod = f"127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=f"http://{pod}") as client:
             async def up() -> bool:

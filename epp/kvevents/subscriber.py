@@ -1,8 +1,9 @@
 """ZMQ SUB sockets that feed a BlockIndex, on one thread of their own (never the serving loop).
 
-Each source is one publisher endpoint: a pod's own (`tcp://<pod-ip>:5557`, the events are that
-pod's whatever the topic says) or a central one (the pod is read from each topic,
-`kv@<pod>@<model>`). ZMQ reconnects by itself when a publisher goes away and comes back. Every
+Each source is one endpoint: a pod's own publisher (`tcp://<pod-ip>:5557`, connected to; the
+events are that pod's whatever the topic says) or the central one (`tcp://*:5557`, bound by epp as
+llm-d-router binds it; the model servers' publishers connect to it and the pod is read from each
+topic, `kv@<pod>@<model>`). ZMQ reconnects by itself when a publisher goes away and comes back. Every
 batch carries a sequence number: a gap (batches lost while disconnected, or dropped by a slow
 subscriber) or a number going back (the server restarted) means the pod's index no longer
 matches its cache, so the pod's blocks are dropped and rebuilt from the events that follow.
@@ -49,20 +50,24 @@ class Subscriber:
         self.index = index
         self.topic_filter = topic_filter
         self.stats = SubscriberStats()
-        self._commands: queue.SimpleQueue[tuple[str, str, str, str]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[str, str, str, str, bool]] = queue.SimpleQueue()
         self._sources: dict[str, _Source] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.connected: set[str] = set()  # source ids whose socket is set up (for tests and state)
 
-    def add(self, source_id: str, endpoint: str, pod: str = "") -> None:
-        """Subscribe to `endpoint`; with `pod`, every batch from it is that pod's."""
-        self._commands.put(("add", source_id, endpoint, pod))
+    def add(self, source_id: str, endpoint: str, pod: str = "", *, bind: bool = False) -> None:
+        """Subscribe to `endpoint`; with `pod`, every batch from it is that pod's.
+
+        `bind`: listen on `endpoint` for publishers to connect (the central socket) instead of
+        connecting to a publisher's.
+        """
+        self._commands.put(("add", source_id, endpoint, pod, bind))
         self._start()
 
     def remove(self, source_id: str) -> None:
-        self._commands.put(("remove", source_id, "", ""))
+        self._commands.put(("remove", source_id, "", "", False))
 
     def close(self) -> None:
         self._stop.set()
@@ -92,7 +97,7 @@ class Subscriber:
     def _drain_commands(self, ctx: zmq.Context[zmq.Socket[bytes]], poller: zmq.Poller) -> None:
         while True:
             try:
-                op, source_id, endpoint, pod = self._commands.get_nowait()
+                op, source_id, endpoint, pod, bind = self._commands.get_nowait()
             except queue.Empty:
                 return
             old = self._sources.pop(source_id, None)
@@ -108,12 +113,17 @@ class Subscriber:
             sock.setsockopt(zmq.RCVHWM, 100_000)
             sock.setsockopt_string(zmq.SUBSCRIBE, self.topic_filter)
             try:
-                sock.connect(endpoint)
+                if bind:
+                    sock.bind(endpoint)
+                else:
+                    sock.connect(endpoint)
             except zmq.ZMQError as e:
                 sock.close(linger=0)
                 self.stats.last_error = f"{endpoint}: {e}"
-                log.warning("KV events: cannot connect to %s: %s", endpoint, e)
+                log.warning("KV events: cannot %s %s: %s", "bind" if bind else "connect to", endpoint, e)
                 continue
+            if bind:
+                log.info("KV events: listening on %s for the model servers' publishers", endpoint)
             src = _Source(endpoint, pod, sock)
             self._sources[source_id] = src
             poller.register(sock, zmq.POLLIN)

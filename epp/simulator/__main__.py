@@ -10,7 +10,7 @@ import asyncio
 import signal
 
 from epp.simulator.engine import EngineConfig
-from epp.simulator.kv_publisher import KVEventsConfig, offset_endpoint, parse_kv_events_config
+from epp.simulator.kv_publisher import KVEventsConfig, parse_kv_events_config, server_config
 from epp.simulator.server import SimulatedServer
 
 
@@ -36,7 +36,8 @@ def main() -> None:
     p.add_argument("--kv-events-endpoint", default="",
                    help="publish KV-cache events on this ZMQ endpoint (bound; the i-th server adds i to the port)")
     p.add_argument("--kv-events-config", default="",
-                   help="vLLM's KV-events config, JSON: publisher, endpoint, topic, hwm")
+                   help="vLLM's KV-events config, JSON: publisher, endpoint, topic, hwm; "
+                        "a wildcard endpoint is bound, any other connected to (as vLLM)")
     args = p.parse_args()
     kv_events: KVEventsConfig | None = None
     if args.kv_events_config and args.kv_events_endpoint:
@@ -62,7 +63,7 @@ def main() -> None:
                 cfg.models = list(args.model)
             events = None
             if kv_events is not None:
-                events = KVEventsConfig(offset_endpoint(kv_events.endpoint, i), kv_events.topic, kv_events.hwm)
+                events = server_config(kv_events, i)
             s = SimulatedServer(f"{args.name_prefix}-{i}", port, cfg, args.host, events)
             await s.start()
             servers.append(s)

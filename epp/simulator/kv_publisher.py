@@ -1,8 +1,11 @@
 """The simulator's KV-event publisher: a ZMQ PUB socket sending vLLM's multipart messages.
 
 Configured as vLLM is, by `--kv-events-config '{"publisher": "zmq", "endpoint": ..., "topic": ...}'`
-or the shorthand `--kv-events-endpoint tcp://127.0.0.1:PORT`. vLLM binds its endpoint (`tcp://*:5557`);
-so does this. One batch per engine step that stored or evicted blocks; the sequence number counts
+or the shorthand `--kv-events-endpoint tcp://127.0.0.1:PORT` (always bound). vLLM's config binds or
+connects by the endpoint's form, and so does this: a wildcard (`tcp://*:5557`, `tcp://0.0.0.0:5557`,
+`::`) or an `ipc://`/`inproc://` endpoint is bound (the subscriber connects to the pod); any other
+(`tcp://epp.ns.svc:5557`) is connected to, the subscriber's central socket (llm-d's EPP binds it).
+One batch per engine step that stored or evicted blocks; the sequence number counts
 batches from 0. A subscriber too slow to keep up loses batches (ZMQ drops past the high-water
 mark), which it sees as a gap in the sequence.
 """
@@ -28,6 +31,7 @@ class KVEventsConfig:
     endpoint: str
     topic: str = ""  # "" means kv@<host:port>@<model>
     hwm: int = 100_000
+    bind: bool = True  # False: connect to a subscriber's bound socket
 
 
 def parse_kv_events_config(text: str) -> KVEventsConfig | None:
@@ -48,8 +52,22 @@ def parse_kv_events_config(text: str) -> KVEventsConfig | None:
         return None
     if publisher != "zmq":
         raise ValueError(f"--kv-events-config: publisher {publisher!r} is not supported (zmq or null)")
-    return KVEventsConfig(str(raw.get("endpoint") or "tcp://*:5557"), str(raw.get("topic") or ""),
-                          int(raw.get("hwm") or 100_000))
+    endpoint = str(raw.get("endpoint") or "tcp://*:5557")
+    return KVEventsConfig(endpoint, str(raw.get("topic") or ""), int(raw.get("hwm") or 100_000),
+                          vllm_binds(endpoint))
+
+
+def vllm_binds(endpoint: str) -> bool:
+    """vLLM's rule: bind a wildcard or local-transport endpoint, connect to any other."""
+    return ("*" in endpoint or "::" in endpoint or "0.0.0.0" in endpoint
+            or endpoint.startswith(("ipc://", "inproc://")))
+
+
+def server_config(cfg: KVEventsConfig, i: int) -> KVEventsConfig:
+    """The i-th server's config when one process runs several: a bound endpoint's port plus i
+    (each needs its own); a connected one is shared, as every vLLM of a pool connects to one EPP."""
+    endpoint = offset_endpoint(cfg.endpoint, i) if cfg.bind else cfg.endpoint
+    return KVEventsConfig(endpoint, cfg.topic, cfg.hwm, cfg.bind)
 
 
 def offset_endpoint(endpoint: str, i: int) -> str:
@@ -66,7 +84,10 @@ class KVEventPublisher:
         self.socket = self.ctx.socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, cfg.hwm)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(cfg.endpoint)
+        if cfg.bind:
+            self.socket.bind(cfg.endpoint)
+        else:
+            self.socket.connect(cfg.endpoint)
         self.endpoint = cfg.endpoint
         self.topic = topic.encode()
         self.seq = 0

@@ -26,8 +26,9 @@ async def sub() -> AsyncIterator[Subscriber]:
     s.close()
 
 
-def publisher(port: int) -> KVEventPublisher:
-    return KVEventPublisher(KVEventsConfig(f"tcp://127.0.0.1:{port}"), topic(POD, MODEL))
+def publisher(port: int, *, bind: bool = False) -> KVEventPublisher:
+    """A vLLM publisher: it connects to epp's central socket (bind=False) or binds its own (per-pod)."""
+    return KVEventPublisher(KVEventsConfig(f"tcp://127.0.0.1:{port}", bind=bind), topic(POD, MODEL))
 
 
 async def joined(sub: Subscriber, pub: KVEventPublisher, pod: str = POD) -> None:
@@ -45,7 +46,7 @@ async def test_batches_from_a_central_endpoint_land_under_the_topics_pod(sub: Su
     port, = free_ports(1)
     pub = publisher(port)
     try:
-        sub.add("central", f"tcp://127.0.0.1:{port}")
+        sub.add("central", f"tcp://127.0.0.1:{port}", bind=True)
         await joined(sub, pub)
         pub.publish([BlockStored([1], None, TOKENS, 16)])
         await until(lambda: sub.index.match(KEYS, [POD]) == {POD: 1}, what="the block")
@@ -53,9 +54,28 @@ async def test_batches_from_a_central_endpoint_land_under_the_topics_pod(sub: Su
         pub.close()
 
 
+async def test_the_central_socket_is_bound_by_epp_and_many_publishers_connect_to_it(sub: Subscriber) -> None:
+    """llm-d's layout: the EPP listens on kvEventsConfig.zmqEndpoint, every vLLM connects to it."""
+    port, = free_ports(1)
+    sub.add("central", f"tcp://127.0.0.1:{port}", bind=True)
+    await until(lambda: "central" in sub.connected, what="the bind")
+    with pytest.raises(zmq.ZMQError):  # the port is epp's now
+        KVEventPublisher(KVEventsConfig(f"tcp://127.0.0.1:{port}", bind=True), "t").close()
+    pods = ["127.0.0.1:8000", "127.0.0.1:8001", "127.0.0.1:8002"]
+    pubs = [KVEventPublisher(KVEventsConfig(f"tcp://127.0.0.1:{port}", bind=False), topic(p, MODEL)) for p in pods]
+    try:
+        for pub, pod in zip(pubs, pods, strict=True):
+            await joined(sub, pub, pod)
+        pubs[1].publish([BlockStored([1], None, TOKENS, 16)])
+        await until(lambda: sub.index.match(KEYS, pods) == {pods[1]: 1}, what="the second pod's block")
+    finally:
+        for pub in pubs:
+            pub.close()
+
+
 async def test_a_pods_own_endpoint_names_the_pod_whatever_the_topic(sub: Subscriber) -> None:
     port, = free_ports(1)
-    pub = KVEventPublisher(KVEventsConfig(f"tcp://127.0.0.1:{port}"), "kv@somebody-else@m")
+    pub = KVEventPublisher(KVEventsConfig(f"tcp://127.0.0.1:{port}", bind=True), "kv@somebody-else@m")
     try:
         sub.add(POD, f"tcp://127.0.0.1:{port}", pod=POD)
         await joined(sub, pub)
@@ -72,7 +92,7 @@ async def test_malformed_messages_are_counted_and_skipped(sub: Subscriber) -> No
     port, = free_ports(1)
     pub = publisher(port)
     try:
-        sub.add("central", f"tcp://127.0.0.1:{port}")
+        sub.add("central", f"tcp://127.0.0.1:{port}", bind=True)
         await joined(sub, pub)
         t = topic(POD, MODEL).encode()
         pub.socket.send_multipart([t, encode_sequence(pub.seq), b"\xc1garbage"])
@@ -91,7 +111,7 @@ async def test_a_sequence_gap_drops_the_pods_blocks_until_new_events_rebuild_the
     port, = free_ports(1)
     pub = publisher(port)
     try:
-        sub.add("central", f"tcp://127.0.0.1:{port}")
+        sub.add("central", f"tcp://127.0.0.1:{port}", bind=True)
         await joined(sub, pub)
         pub.publish([BlockStored([1], None, TOKENS, 16)])
         await until(lambda: sub.index.blocks(POD) == 1, what="the block")
@@ -108,13 +128,12 @@ async def test_a_sequence_gap_drops_the_pods_blocks_until_new_events_rebuild_the
 async def test_a_publisher_that_goes_away_and_comes_back_is_followed_again(sub: Subscriber) -> None:
     port, = free_ports(1)
     pub = publisher(port)
-    sub.add("central", f"tcp://127.0.0.1:{port}")
+    sub.add("central", f"tcp://127.0.0.1:{port}", bind=True)
     await joined(sub, pub)
     pub.publish([BlockStored([1], None, TOKENS, 16)])
     await until(lambda: sub.index.blocks(POD) == 1, what="the block")
     pub.close()  # the server died
-    # and restarted: its sequence starts again at 0, its cache is empty. ZMQ closes the old
-    # listening socket on its own thread: bind again once the port is free.
+    # and restarted: its sequence starts again at 0, its cache is empty; it connects again.
     restarted: list[KVEventPublisher] = []
 
     def bound() -> bool:

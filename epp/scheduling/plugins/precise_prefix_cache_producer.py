@@ -82,10 +82,11 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer):
                 "maxBlocksPerPod": self.events.max_blocks_per_pod, "tokenizer": self.tokenizer_kind}
 
     def start(self) -> None:
-        """Subscribe to the central endpoint (once); per-pod publishers are added as pods join."""
+        """Bind the central endpoint (once) for publishers to connect to, as llm-d-router does;
+        per-pod publishers are connected to as pods join."""
         if self.zmq_endpoint and not self._central_started:
             self._central_started = True
-            self.subscriber.add("central", self.zmq_endpoint)
+            self.subscriber.add("central", self.zmq_endpoint, bind=True)
 
     def close(self) -> None:
         self.subscriber.close()
