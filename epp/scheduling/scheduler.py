@@ -102,6 +102,26 @@ class Scheduler:
                     producers.add(id(sc.producer))
                     self._prefix_scorers.append(sc)
 
+    async def prepare(self, request: InferenceRequest) -> None:
+        """Await every PrepareRequestData plugin (a tokenizer's HTTP call) before `schedule`.
+
+        Each gets its own `prepare_timeout`; one that fails or runs past it leaves its data unset
+        and the request is scheduled without it (counted by the plugin), never failed.
+        """
+        import asyncio
+        import logging
+
+        from epp.scheduling.framework import PrepareRequestData
+
+        preparers = self.__dict__.get("_preparers")
+        if preparers is None:
+            preparers = self.__dict__["_preparers"] = [p for p in self.plugins if isinstance(p, PrepareRequestData)]
+        for p in preparers:
+            try:
+                await asyncio.wait_for(p.prepare(request), p.prepare_timeout)
+            except Exception as e:  # a data step never fails the request
+                logging.getLogger(__name__).debug("prepare of %s failed for %s: %r", p, request.request_id, e)
+
     def schedule(
         self, request: InferenceRequest, candidates: list[Endpoint], now: float, staleness: float
     ) -> tuple[SchedulingResult, CycleState]:
