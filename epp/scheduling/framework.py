@@ -127,6 +127,22 @@ class CountedPicker(Picker, Seeded):
         return {"maxNumOfEndpoints": self.max_endpoints}
 
 
+class PrepareRequestData(ABC):
+    """Gathers per-request data that takes I/O (a tokenizer's HTTP call) before the scheduling cycle.
+
+    The cycle itself is synchronous, so what needs the network is awaited first, by
+    `Scheduler.prepare`, within `prepare_timeout` seconds. `prepare` stores what it found for the
+    cycle's plugins to read, and never raises for a failure: a request whose data is missing is
+    scheduled without it, as upstream's director logs a data producer's error and goes on.
+    """
+
+    prepare_timeout: float = 5.0
+
+    @abstractmethod
+    async def prepare(self, request: InferenceRequest) -> None:
+        ...
+
+
 class PreRequest(ABC):
     """Told what was picked, just before the pick is sent to the proxy."""
 
