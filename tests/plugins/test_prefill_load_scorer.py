@@ -196,3 +196,35 @@ def test_base_model_picks_are_not_remembered_as_adapters() -> None:
     eps = [endpoint(1, max_lora=4), endpoint(2, max_lora=4, active=("sql-lora",))]
     send(prefix, load, request("hello", model="m"), eps, to=0)
     assert load._adapters_sent == {}
+
+
+def scraped(**kw: float) -> PrefillLoadScorer:
+    load = PrefillLoadScorer(scraped_load=True, occupancy_tokens=0, **kw)  # type: ignore[arg-type]
+    load.bind({"prefix-cache-scorer": PrefixCacheScorer("prefix-cache-scorer")}.get)
+    return load
+
+
+def test_scraped_load_counts_the_queue_others_sent_and_kv_pressure_in_tokens() -> None:
+    from epp.datastore import EndpointMetrics
+
+    load = scraped(running_request_tokens=100, kv_cache_threshold=0.8, kv_cache_tokens=4000)
+    queued, full, idle = endpoint(1), endpoint(2), endpoint(3)
+    queued.metrics = EndpointMetrics(waiting=2, running=3, scraped_at=NOW)  # 3 running, none epp's
+    full.metrics = EndpointMetrics(kv_usage=0.9, scraped_at=NOW)  # halfway from the threshold to full
+    q = request("x" * 40)  # 10 tokens, uncached everywhere
+    costs = load.costs(cycle_state(), q, [queued, full, idle])
+    assert costs == [2 * 1024 + 3 * 100 + 10, 2000 + 10, 10]  # tokens per request starts at tokenScale
+    queued.inflight = 3  # the running three are epp's own: their prefill is epp's backlog, not counted again
+    assert load.costs(cycle_state(), request("y" * 40), [queued])[0] == 2 * 1024 + 10
+
+
+def test_scraped_load_treats_unknown_or_stale_metrics_as_busy() -> None:
+    load = scraped(unknown_metrics_tokens=5000)
+    eps = [endpoint(1, waiting=None), endpoint(2, age=10.0), endpoint(3)]
+    costs = load.costs(cycle_state(), request("x" * 40), eps)
+    assert costs == [5010, 5010, 10]
+
+
+def test_scraped_load_parameters_need_scraped_load() -> None:
+    with pytest.raises(ConfigError, match="only with scrapedLoad"):
+        load_text(CONFIG.replace("prefixScorer: queue-scorer", "kvCacheTokens: 10"), "test")

@@ -19,6 +19,17 @@ Without (c) the adapter's first requests, landing while every endpoint still has
 free slot, scatter it over the pool; each endpoint then spends its slots on copies
 of the popular adapters and the rest keep being loaded and evicted.
 
+(d) With `scrapedLoad: true`, the server's own scrape enters (a): epp cannot see requests
+other clients send straight to a server, but the server's queue shows them. The backlog is
+max(epp's own, waiting x tokens per request + running requests epp did not send x
+`runningRequestTokens`), so epp's requests that the scrape also shows are not counted twice,
+and epp's exact count still moves the cost between two scrapes. Tokens per request is a moving
+average of the prompts epp routes (a waiting request's prompt has not been prefilled). KV-cache
+use above `kvCacheThreshold` adds up to `kvCacheTokens` at 100%: a new prompt there evicts
+cached prefixes or preempts running requests. An endpoint with unknown or stale metrics costs
+`unknownMetricsTokens`: busy, never idle. All in tokens, not min-max normalised per signal, so a
+prefix holder keeps winning while its real backlog is smaller than the prefill it saves.
+
 Cost = (a) + (b) + (c), in tokens. Score = 1 - (cost - cheapest) / max(spread, tokenScale),
 so the cheapest endpoint scores 1, and differences smaller than `tokenScale` tokens
 stay small rather than being stretched to the full 0..1 range.
@@ -56,8 +67,16 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
     type_name = "prefill-load-scorer"
 
     def __init__(self, name: str = "", *, prefix_scorer: str = "prefix-cache-scorer", token_scale: int = 1024,
-                 occupancy_tokens: int = 512, lora_load_tokens: int = 2048) -> None:
+                 occupancy_tokens: int = 512, lora_load_tokens: int = 2048, scraped_load: bool = False,
+                 running_request_tokens: int = 256, kv_cache_threshold: float = 0.8, kv_cache_tokens: int = 4096,
+                 unknown_metrics_tokens: int = 8192) -> None:
         super().__init__(name)
+        self.scraped_load = scraped_load
+        self.running_request_tokens = running_request_tokens
+        self.kv_cache_threshold = kv_cache_threshold
+        self.kv_cache_tokens = kv_cache_tokens
+        self.unknown_metrics_tokens = unknown_metrics_tokens
+        self.tokens_per_request = float(token_scale)  # moving average of routed prompts' tokens
         self.prefix_scorer_name = prefix_scorer
         self.token_scale = token_scale
         self.occupancy_tokens = occupancy_tokens
@@ -75,9 +94,19 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
         scale = params.int("tokenScale", 1024, minimum=1)
         occupancy = params.int("occupancyTokens", 512, minimum=0)
         lora_load = params.int("loraLoadTokens", 2048, minimum=0)
+        scraped = params.bool("scrapedLoad", False)
+        if not scraped:
+            for key in ("runningRequestTokens", "kvCacheThreshold", "kvCacheTokens", "unknownMetricsTokens"):
+                if params.has(key):
+                    raise ConfigError(f"{name}: {key} is used only with scrapedLoad: true")
+        running = params.int("runningRequestTokens", 256, minimum=0)
+        kv_threshold = params.float("kvCacheThreshold", 0.8, minimum=0.0, maximum=1.0)
+        kv_tokens = params.int("kvCacheTokens", 4096, minimum=0)
+        unknown = params.int("unknownMetricsTokens", 8192, minimum=0)
         params.done()
         return cls(name, prefix_scorer=prefix, token_scale=scale, occupancy_tokens=occupancy,
-                   lora_load_tokens=lora_load)
+                   lora_load_tokens=lora_load, scraped_load=scraped, running_request_tokens=running,
+                   kv_cache_threshold=kv_threshold, kv_cache_tokens=kv_tokens, unknown_metrics_tokens=unknown)
 
     def bind(self, lookup: Callable[[str], Plugin | None]) -> None:
         plugin = lookup(self.prefix_scorer_name)
@@ -101,9 +130,8 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
         if self.prefix is not None and tokens:
             matched = self.prefix.matched_blocks(state, request, endpoints)
             block_tokens = self.prefix.block_tokens
-        backlog = self.backlog
         uncached = [max(0, tokens - matched.get(ep.hostport, 0) * block_tokens) for ep in endpoints]
-        costs = [backlog.get(ep.hostport, 0) + u for ep, u in zip(endpoints, uncached, strict=True)]
+        costs = [b + u for b, u in zip(self._backlogs(state, endpoints), uncached, strict=True)]
         if self.prefix is not None and self.occupancy_tokens and tokens:
             # Spread new prefixes over the pool's cache: the larger a server's share of the index, the
             # more a new copy there is likely to evict what another request will want. Only the part
@@ -121,6 +149,29 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
                 costs = [c if h else c + load for c, h in zip(costs, held, strict=True)]
         state.data[_COST_KEY] = (endpoints, costs, uncached)
         return costs, uncached
+
+    def _backlogs(self, state: CycleState, endpoints: list[Endpoint]) -> list[int]:
+        """Each endpoint's prefill work ahead of a new request, in tokens: epp's own, or with
+        `scrapedLoad` the larger of that and what the server's scrape shows, plus KV pressure."""
+        backlog = self.backlog
+        own = [backlog.get(ep.hostport, 0) for ep in endpoints]
+        if not self.scraped_load:
+            return own
+        per_request = self.tokens_per_request
+        out = []
+        for ep, mine in zip(endpoints, own, strict=True):
+            m = state.metrics(ep)
+            if m is None:
+                out.append(mine + self.unknown_metrics_tokens)
+                continue
+            others_running = max(0, m.running - ep.inflight)
+            scraped = int(m.waiting * per_request) + others_running * self.running_request_tokens
+            cost = max(mine, scraped)
+            over = m.kv_usage - self.kv_cache_threshold
+            if over > 0 and self.kv_cache_tokens:
+                cost += int(self.kv_cache_tokens * min(1.0, over / max(1e-9, 1.0 - self.kv_cache_threshold)))
+            out.append(cost)
+        return out
 
     def _holds_adapter(self, state: CycleState, model: str, endpoints: list[Endpoint]) -> list[bool] | None:
         """Per endpoint, whether it holds `model` as a LoRA adapter; None when `model` is not a
@@ -153,6 +204,9 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
         ep = result.endpoint
         if self.lora_load_tokens:
             self._note_adapter(state, request, ep)
+        if self.scraped_load:
+            prompt = len(request.prompt) // AVERAGE_CHARS_PER_TOKEN
+            self.tokens_per_request += (prompt - self.tokens_per_request) / 64
         candidates = result.candidates or [ep]
         if ep in candidates:
             own = self._costs(state, request, candidates)[1][candidates.index(ep)]
