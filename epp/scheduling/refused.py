@@ -51,8 +51,6 @@ REFUSED: dict[str, tuple[str, str]] = {
     "p2p-source-producer": ("KV-cache transfer between servers is not supported by epp", "remove it"),
     "mm-embeddings-cache-producer": ("multimodal embedding caches are not tracked by epp", "remove it"),
     "mm-embeddings-cache-scorer": ("multimodal embedding caches are not tracked by epp", "prefix-cache-scorer"),
-    "tokenizer": ("epp does not tokenize: it estimates 4 characters a token",
-                  "remove it (token-producer with the estimate backend is accepted)"),
     # multi-cluster
     "multicluster-session-affinity-filter": (MULTICLUSTER, "session-affinity-filter"),
     "multicluster-queue-scorer": (MULTICLUSTER, "queue-scorer"),

@@ -42,6 +42,7 @@ from epp.scheduling.plugins.running_requests_size_scorer import RunningRequestsS
 from epp.scheduling.plugins.session_affinity_filter import SessionAffinityFilter
 from epp.scheduling.plugins.session_affinity_scorer import SessionAffinityScorer
 from epp.scheduling.plugins.token_load_scorer import TokenLoadScorer
+from epp.scheduling.plugins.token_producer import TokenProducer
 from epp.scheduling.plugins.utilization_detector import UtilizationDetectorPlugin
 from epp.scheduling.plugins.utilization_filter import UtilizationFilter
 from epp.scheduling.plugins.weighted_random_picker import WeightedRandomPicker
@@ -85,6 +86,7 @@ BUILT_IN: tuple[type[Plugin], ...] = (
     # data producers and request-lifecycle plugins
     ApproxPrefixCacheProducer,
     PrecisePrefixCacheProducer,
+    TokenProducer,
     InFlightLoadProducer,
     DestinationEndpointServedVerifier,
 )

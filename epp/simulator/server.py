@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from epp.kvevents.events import topic as kv_topic
+from epp.kvevents.hashing import simulator_token_ids
 from epp.simulator.engine import Engine, EngineConfig, Sequence
 from epp.simulator.kv_publisher import KVEventPublisher, KVEventsConfig
 
@@ -64,10 +65,13 @@ class SimulatedServer:
         self.metrics_delay = 0.0
         self.metrics_status = 200
         self.served = 0
+        self.rendered = 0  # render requests answered (a tokenizer sidecar's load)
         self.app = web.Application(client_max_size=64 << 20)
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat),
+            web.post("/v1/completions/render", self.render_completions),
+            web.post("/v1/chat/completions/render", self.render_chat),
             web.get("/v1/models", self.models),
             web.get("/metrics", self.metrics),
             web.get("/health", self.health),
@@ -143,6 +147,46 @@ class SimulatedServer:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "chat")
+
+    async def render_completions(self, request: web.Request) -> web.Response:
+        """vLLM's `/v1/completions/render`: a list, one rendered request (its token_ids) per prompt."""
+        return await self._render(request, "completions")
+
+    async def render_chat(self, request: web.Request) -> web.Response:
+        """vLLM's `/v1/chat/completions/render`: the chat rendered by the template and tokenized."""
+        return await self._render(request, "chat")
+
+    async def _render(self, request: web.Request, kind: str) -> web.Response:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _error(400, "invalid JSON body", "BadRequestError")
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object", "BadRequestError")
+        model = body.get("model")
+        if model not in self.known_models:
+            return _error(404, f"The model `{model}` does not exist.", "NotFoundError")
+        self.rendered += 1
+
+        def rendered(ids: list[int]) -> dict[str, Any]:
+            return {"request_id": f"render-{self.rendered}", "token_ids": ids, "features": None,
+                    "sampling_params": {"max_tokens": body.get("max_tokens")}, "model": model, "stream": False}
+
+        if kind == "chat":
+            if not isinstance(body.get("messages"), list):
+                return _error(400, "messages must be a list", "BadRequestError")
+            return web.json_response(rendered(simulator_token_ids(prompt_text("chat", body))),
+                                     dumps=lambda o: orjson.dumps(o).decode())
+        prompt: Any = body.get("prompt")
+        if _is_token_ids(prompt):
+            prompts: list[list[int]] = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = [simulator_token_ids(p) for p in prompt]
+        elif isinstance(prompt, str):
+            prompts = [simulator_token_ids(prompt)]
+        else:
+            return _error(400, "prompt must be a string, a list of strings or of token ids", "BadRequestError")
+        return web.json_response([rendered(ids) for ids in prompts], dumps=lambda o: orjson.dumps(o).decode())
 
     async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
         try:

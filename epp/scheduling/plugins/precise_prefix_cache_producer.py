@@ -6,8 +6,10 @@ how many leading blocks of the prompt each server holds: exact, not a guess from
 `prefix-cache-scorer` with `prefixMatchInfoProducerName` naming this producer scores on it, as
 in llm-d-router.
 
+The prompt's token ids come from the config's `token-producer` (its `vllm` backend asks the
+servers' render endpoint, as llm-d deploys it), else from the request itself (`tokenizer`).
 Servers that have never published an event, and requests whose token ids epp does not know
-(text prompts to a real server: epp does not run the server's tokenizer), fall back to the
+(a text prompt with no token-producer, or one whose render failed), fall back to the
 approximate index of approx-prefix-cache-producer, which this producer also keeps; a fallback
 match is scaled to this producer's block count so both compare on one scale.
 
@@ -28,9 +30,10 @@ from epp.kvevents.index import BlockIndex
 from epp.kvevents.subscriber import Subscriber
 from epp.kvevents.tokens import REQUEST, TOKENIZERS, cache_salt, tokenizer
 from epp.requests import InferenceRequest
-from epp.scheduling.framework import CycleState, Plugin, SchedulingResult
+from epp.scheduling.framework import Binder, CycleState, Lookup, Plugin, SchedulingResult
 from epp.scheduling.params import Params
 from epp.scheduling.plugins.approx_prefix_cache_producer import DEFAULT_MAX_BLOCKS, ApproxPrefixCacheProducer
+from epp.scheduling.plugins.token_producer import TokenProducer
 from epp.scheduling.prefix_index import block_hashes
 
 DEFAULT_BLOCK_SIZE = 16
@@ -65,6 +68,7 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer):
                                  max_blocks=max_blocks)
         self.subscriber = Subscriber(self.events, topic_filter)
         self._central_started = False
+        self.token_source: TokenProducer | None = None  # the config's token-producer, if any
         self._keys_key = object()
         self._approx_key = object()
         self._match_key = object()
@@ -72,6 +76,16 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer):
     @classmethod
     def from_parameters(cls, name: str, params: Params) -> Plugin:
         return cls(name, **precise_parameters(params))
+
+    def bind(self, lookup: Lookup) -> None:
+        """Read token ids from the config's token-producer when it has one (none is created: upstream
+        would create an estimate one, whose ids never match a server's blocks)."""
+        super().bind(lookup)
+        if isinstance(lookup, Binder):
+            self.token_source = lookup.find(TokenProducer)
+        else:
+            found = lookup(TokenProducer.type_name)
+            self.token_source = found if isinstance(found, TokenProducer) else None
 
     def describe(self) -> dict[str, Any]:
         return {"tokenProcessorConfig": {"blockSizeTokens": self.block_size, "hashSeed": self.hash_seed},
@@ -97,7 +111,9 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer):
         if self._keys_key in state.data:
             keys: list[int] | None = state.data[self._keys_key]
             return keys
-        ids = self._tokens(request)
+        ids = self.token_source.token_ids(request) if self.token_source is not None else None
+        if ids is None:
+            ids = self._tokens(request)
         keys = None
         if ids is not None:
             parent = root_key(request.target_model, self.hash_seed, cache_salt(request))
@@ -178,9 +194,9 @@ def precise_parameters(params: Params) -> dict[str, Any]:
 
     ix = params.sub("indexerConfig", params.mapping("indexerConfig"))
     if ix.has("tokenizersPoolConfig"):
-        raise ConfigError(f"plugin {params.plugin_type!r}: indexerConfig.tokenizersPoolConfig is not supported: "
-                          "epp does not run a tokenizer pool; send token ids in the request (prompt as token ids, "
-                          "or a token-in generate API), or use tokenizer: simulator with epp's simulator")
+        raise ConfigError(f"plugin {params.plugin_type!r}: indexerConfig.tokenizersPoolConfig is not supported "
+                          "(as upstream): configure a token-producer plugin instead (its vllm backend renders "
+                          "prompts with the servers' tokenizer)")
     if ix.has("kvCacheBackendConfigs"):
         raise ConfigError(f"plugin {params.plugin_type!r}: indexerConfig.kvCacheBackendConfigs is not supported: "
                           "epp indexes the GPU tier only")
