@@ -300,3 +300,30 @@ async def test_the_simulator_command_publishes_with_vllms_flag() -> None:
         if proc.returncode is None:
             proc.terminate()
         await asyncio.wait_for(proc.wait(), 10)
+
+
+async def test_the_render_endpoints_answer_in_vllms_shape_with_the_simulators_tokens() -> None:
+    """What a `vllm launch render` sidecar answers: a list for completions, one object for a chat."""
+    import httpx
+
+    from epp.kvevents.hashing import simulator_token_ids
+    from epp.simulator.server import SimulatedServer, prompt_text
+    from epp.stack import free_ports
+
+    port, = free_ports(1)
+    sim = SimulatedServer("s", port, EngineConfig(time_scale=0.0))
+    await sim.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            r = await client.post("/v1/completions/render", json={"model": MODEL, "prompt": ["ab", "abcdefgh"]})
+            assert r.status_code == 200
+            assert [x["token_ids"] for x in r.json()] == [simulator_token_ids("ab"), simulator_token_ids("abcdefgh")]
+            chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi there"}]}
+            r = await client.post("/v1/chat/completions/render", json=chat)
+            assert r.json()["token_ids"] == simulator_token_ids(prompt_text("chat", chat))
+            r = await client.post("/v1/completions/render", json={"model": "other", "prompt": "x"})
+            assert r.status_code == 404
+        assert sim.rendered == 2
+        assert sim.engine.prefix_queries == 0  # rendering runs no model
+    finally:
+        await sim.stop()
