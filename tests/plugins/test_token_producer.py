@@ -84,6 +84,17 @@ def test_what_it_cannot_honour_is_refused_by_name(params: dict[str, object], err
         create(params)
 
 
+def test_the_precise_producers_read_the_configs_token_producer() -> None:
+    tp = create({})
+    legacy = registry.create("precise-prefix-cache-scorer", "legacy", {})
+    legacy.bind({"token-producer": tp}.get)
+    assert isinstance(legacy.producer, PrecisePrefixCacheProducer)  # type: ignore[attr-defined]
+    assert legacy.producer.token_source is tp  # type: ignore[attr-defined]
+    alone = PrecisePrefixCacheProducer("p")
+    alone.bind({}.get)
+    assert alone.token_source is None  # none is created
+
+
 def test_the_estimate_packs_four_bytes_a_token_as_upstream() -> None:
     assert pack_bytes(b"abcde") == [int.from_bytes(b"abcd", "little"), int.from_bytes(b"e\0\0\0", "little")]
     assert pack_bytes(b"") == []

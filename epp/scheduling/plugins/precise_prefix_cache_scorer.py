@@ -34,6 +34,8 @@ class PrecisePrefixCacheScorer(PrefixCacheScorer):
         if existing is not None:
             self.producer = existing
             self._owns_producer = False
+        elif isinstance(self.producer, PrecisePrefixCacheProducer):
+            self.producer.bind(lookup)  # its own producer reads the config's token-producer too
 
     def describe(self) -> dict[str, Any]:
         if self._owns_producer:
