@@ -32,7 +32,7 @@ from epp.simulator.engine import EngineConfig
 from epp.simulator.kv_publisher import KVEventsConfig
 from epp.simulator.server import SimulatedServer, prompt_text
 from epp.stack import free_ports
-from tests.helpers import NOW, until
+from tests.helpers import NOW, cycle_state, until
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 SYSTEM = "You are a careful assistant. Answer briefly and cite your sources when you can. " * 4
@@ -140,7 +140,8 @@ async def test_chats_and_text_prompts_get_the_servers_token_ids(render: Simulate
         assert p.token_ids(text) == simulator_token_ids("Once upon a time " * 10)
         assert p.stats["rendered"] == 2
         assert render.rendered == 2
-        p.response_complete(req, Endpoint("127.0.0.1", 1))  # a completed request's ids are let go
+        ep = Endpoint("127.0.0.1", 1)
+        p.pre_request(cycle_state(), req, SchedulingResult([ep], [ep]))  # once picked, its ids are let go
         assert p.token_ids(req) is None
     finally:
         await p.aclose()

@@ -25,7 +25,6 @@ from typing import Any
 import aiohttp
 import orjson
 
-from epp.datastore import Endpoint
 from epp.errors import ConfigError
 from epp.kvevents.tokens import request_token_ids
 from epp.requests import (
@@ -37,7 +36,7 @@ from epp.requests import (
     RESPONSES,
     InferenceRequest,
 )
-from epp.scheduling.framework import Plugin, PrepareRequestData, ResponseComplete
+from epp.scheduling.framework import CycleState, Plugin, PrepareRequestData, PreRequest, SchedulingResult
 from epp.scheduling.params import Params
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ DEFAULT_MM_TIMEOUT = 30.0
 COMPLETIONS_RENDER = "/v1/completions/render"
 CHAT_RENDER = "/v1/chat/completions/render"
 BYTES_PER_TOKEN = 4
-MAX_PENDING = 8192  # requests tokenized and not yet completed (a request refused after prepare ages out)
+MAX_PENDING = 4096  # requests tokenized and not yet scheduled (one refused after prepare ages out)
 _ERROR_SNIPPET = 1024
 
 
@@ -134,9 +133,10 @@ def _multimodal(data: dict[str, Any]) -> bool:
     return False
 
 
-class TokenProducer(Plugin, PrepareRequestData, ResponseComplete):
+class TokenProducer(Plugin, PrepareRequestData, PreRequest):
     type_name = "token-producer"
     aliases = ("tokenizer",)
+    hook_order = 100  # its ids are let go once the pick is made, after every plugin that reads them
 
     def __init__(self, name: str = "", *, backend: str = ESTIMATE, model_name: str = "", url: str = DEFAULT_URL,
                  timeout: float = DEFAULT_TIMEOUT, mm_timeout: float = DEFAULT_MM_TIMEOUT) -> None:
@@ -153,7 +153,9 @@ class TokenProducer(Plugin, PrepareRequestData, ResponseComplete):
         self.prepare_timeout = max(timeout, mm_timeout) + 1.0 if backend == VLLM else 1.0
         self.stats: dict[str, int] = {"rendered": 0, "given": 0, "estimated": 0, "failed": 0, "timeouts": 0,
                                       "unsupported": 0}
-        self._ids: OrderedDict[int, tuple[InferenceRequest, list[int]]] = OrderedDict()
+        # id(request) -> (request_id, body length, ids): the request itself is not held, so one that
+        # never reaches the cycle keeps only its ids until it ages out.
+        self._ids: OrderedDict[int, tuple[str, int, list[int]]] = OrderedDict()
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
 
@@ -204,22 +206,21 @@ class TokenProducer(Plugin, PrepareRequestData, ResponseComplete):
     def token_ids(self, request: InferenceRequest) -> list[int] | None:
         """The ids `prepare` found for this request, or None (not prepared, or tokenizing failed)."""
         entry = self._ids.get(id(request))
-        if entry is None or entry[0] is not request:
+        if entry is None or entry[0] != request.request_id or entry[1] != len(request.body):
             return None
-        return entry[1]
+        return entry[2]
 
-    def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None:
-        entry = self._ids.get(id(request))
-        if entry is not None and entry[0] is request:
-            del self._ids[id(request)]
+    def pre_request(self, state: CycleState, request: InferenceRequest, result: SchedulingResult) -> None:
+        self._ids.pop(id(request), None)  # the cycle has read them (its state keeps the keys)
 
     def _store(self, request: InferenceRequest, ids: list[int]) -> None:
-        self._ids[id(request)] = (request, ids)
+        self._ids[id(request)] = (request.request_id, len(request.body), ids)
         while len(self._ids) > MAX_PENDING:
             self._ids.popitem(last=False)
 
     # --- per request, before the cycle -------------------------------------------------
     async def prepare(self, request: InferenceRequest) -> None:
+        self._ids.pop(id(request), None)  # what an earlier request at this address left, if any
         given = request_token_ids(request)
         if given is not None:
             self.stats["given"] += 1
