@@ -140,14 +140,18 @@ class Director:
     def decide(self, request: InferenceRequest, subset: Sequence[str] | None = None, *,
                received_at: float | None = None) -> Decision:
         """Pick an endpoint for the parsed request and commit it, or raise EppError (429, 503).
-        With flow control on, transports call `decide_async` instead."""
+        Where picks await (`awaits`: flow control, or a plugin's data step), transports call
+        `decide_async` instead."""
         started = time.perf_counter()
         return self._commit(request, subset, self.plan(request, subset, score_shed=False), received_at, 0.0, started)
 
     async def decide_async(self, request: InferenceRequest, subset: Sequence[str] | None = None, *,
                            received_at: float | None = None) -> Decision:
-        """`decide` behind flow control: wait for the request's turn while the pool is saturated.
-        Raises the flow-control outcome's error (429 / 503 with the dropped-reason header)."""
+        """`decide` after the awaited steps: plugins' data steps (`Scheduler.prepare`), then, with flow
+        control on, the request's turn while the pool is saturated. Raises the flow-control outcome's
+        error (429 / 503 with the dropped-reason header)."""
+        if self.scheduler.prepares:
+            await self.scheduler.prepare(request)  # e.g. the token-producer's tokenization over HTTP
         flow = self.flow
         if flow is None or request.kind not in INFERENCE_KINDS:
             return self.decide(request, subset, received_at=received_at)
@@ -161,6 +165,11 @@ class Director:
         # No await from here to the commit: the controller's next cycle sees this pick in flight.
         plan = self.plan(request, subset, score_shed=False, admitted=True, rewrite=rewrite)
         return self._commit(request, subset, plan, received_at, waited, started)
+
+    @property
+    def awaits(self) -> bool:
+        """A pick may await (flow control's queue, a plugin's data step): transports use `decide_async`."""
+        return self.flow is not None or self.scheduler.prepares
 
     def _commit(self, request: InferenceRequest, subset: Sequence[str] | None, plan: Plan,
                 received_at: float | None, waited: float, started: float) -> Decision:

@@ -65,9 +65,9 @@ class Exchanges:
 
     # --- the pick --------------------------------------------------------------
     @property
-    def flow_control(self) -> bool:
-        """Picks may wait in flow control: the transports await `open_async`."""
-        return self.director.flow is not None
+    def awaits(self) -> bool:
+        """Picks may await (flow control, a plugin's data step): the transports await `open_async`."""
+        return self.director.awaits
 
     def open(self, req: InferenceRequest, subset: Sequence[str] | None, received_at: float) -> Exchange:
         """Decide where the parsed request goes and open its exchange. Raises EppError."""
@@ -80,8 +80,9 @@ class Exchanges:
         return self._opened(req, decision, received_at)
 
     async def open_async(self, req: InferenceRequest, subset: Sequence[str] | None, received_at: float) -> Exchange:
-        """`open` behind flow control: waits while the pool is saturated. A cancelled wait (the client
-        left) leaves the queue at once; raises EppError (flow control's 429 / 503 included)."""
+        """`open` with the pick's awaited steps: plugins' data steps, then flow control's wait while the
+        pool is saturated. A cancelled wait (the client left) leaves the queue at once; raises EppError
+        (flow control's 429 / 503 included)."""
         try:
             decision = await self.director.decide_async(req, subset, received_at=received_at)
         except errors.EppError:

@@ -24,10 +24,10 @@ class ExplainService(pb_grpc.ExplainServicer):
         self.director = director
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
-        return explain(self.director, request)
+        return await explain(self.director, request)
 
 
-def explain(director: Director, request: pb.ExplainRequest) -> pb.ExplainResponse:
+async def explain(director: Director, request: pb.ExplainRequest) -> pb.ExplainResponse:
     headers = {k.lower(): v for k, v in request.headers.items()}
     req = new_request(request.path or "/v1/completions", headers, director.config.parsers)
     out = pb.ExplainResponse()
@@ -36,6 +36,8 @@ def explain(director: Director, request: pb.ExplainRequest) -> pb.ExplainRespons
     except errors.EppError as e:
         _set_error(out, e)
         return out
+    if director.scheduler.prepares:
+        await director.scheduler.prepare(req)  # as a pick does: the same token ids, the same scores
     run = director.dry_run(req, list(request.subset) or None)
     out.model, out.target_model, out.model_rewrite = req.model, req.target_model, run.rewrite or ""
     out.objective, out.priority = req.objective, req.priority

@@ -204,7 +204,7 @@ class HttpPick:
             if body:
                 parse_body(req, body)
             # Without a body (GET /v1/models and the like) the request is routed unread, as over ext_proc.
-            ex = await xs.open_async(req, subset, received_at) if xs.flow_control else xs.open(req, subset, received_at)
+            ex = await xs.open_async(req, subset, received_at) if xs.awaits else xs.open(req, subset, received_at)
         except errors.EppError as e:
             xs.failed(req, e)
             self._processed(received_at)

@@ -182,7 +182,7 @@ class PickStream:
     def _route(self, *, headers_only: bool) -> list[Answer]:
         req = self.req
         assert req is not None
-        if self.exchanges.flow_control:
+        if self.exchanges.awaits:
             self.phase = Phase.ROUTED  # nothing more opens a pick on this stream while it waits
             self.pending = self._route_async(headers_only)
             return []

@@ -6,6 +6,8 @@ fans the request-lifecycle hooks out to the plugins that implement them.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
@@ -20,6 +22,7 @@ from epp.scheduling.framework import (
     Filter,
     Picker,
     Plugin,
+    PrepareRequestData,
     PreRequest,
     ResponseComplete,
     ResponseHeaders,
@@ -31,6 +34,8 @@ from epp.scheduling.plugins.prefix_cache_scorer import PrefixCacheScorer
 
 if TYPE_CHECKING:
     from epp.metrics import EppMetrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -90,6 +95,7 @@ class Scheduler:
         self._response_complete = [p for p in plugins if isinstance(p, ResponseComplete)]
         self._endpoints_changed = [p for p in plugins if isinstance(p, EndpointsChanged)]
         self._response_headers = [p for p in plugins if isinstance(p, ResponseHeaders)]
+        self._preparers = [p for p in plugins if isinstance(p, PrepareRequestData)]
         # epp's own metrics (plugin durations, the prefix match of each pick); None: nothing recorded.
         self.metrics: EppMetrics | None = None
         # What knows a pick's cached prefix: each prefix-cache-scorer's producer, once.
@@ -102,25 +108,22 @@ class Scheduler:
                     producers.add(id(sc.producer))
                     self._prefix_scorers.append(sc)
 
+    @property
+    def prepares(self) -> bool:
+        """Some plugin has an async data step (`prepare`) to await before each cycle."""
+        return bool(self._preparers)
+
     async def prepare(self, request: InferenceRequest) -> None:
         """Await every PrepareRequestData plugin (a tokenizer's HTTP call) before `schedule`.
 
         Each gets its own `prepare_timeout`; one that fails or runs past it leaves its data unset
         and the request is scheduled without it (counted by the plugin), never failed.
         """
-        import asyncio
-        import logging
-
-        from epp.scheduling.framework import PrepareRequestData
-
-        preparers = self.__dict__.get("_preparers")
-        if preparers is None:
-            preparers = self.__dict__["_preparers"] = [p for p in self.plugins if isinstance(p, PrepareRequestData)]
-        for p in preparers:
+        for p in self._preparers:
             try:
                 await asyncio.wait_for(p.prepare(request), p.prepare_timeout)
             except Exception as e:  # a data step never fails the request
-                logging.getLogger(__name__).debug("prepare of %s failed for %s: %r", p, request.request_id, e)
+                log.debug("prepare of %s failed for %s: %r", p.name, request.request_id, e)
 
     def schedule(
         self, request: InferenceRequest, candidates: list[Endpoint], now: float, staleness: float
