@@ -20,10 +20,11 @@ free slot, scatter it over the pool; each endpoint then spends its slots on copi
 of the popular adapters and the rest keep being loaded and evicted.
 
 (d) With `scrapedLoad: true`, the server's own scrape enters (a): epp cannot see requests
-other clients send straight to a server, but the server's queue shows them. The backlog is
-max(epp's own, waiting x tokens per request + running requests epp did not send x
-`runningRequestTokens`), so epp's requests that the scrape also shows are not counted twice,
-and epp's exact count still moves the cost between two scrapes. Tokens per request is a moving
+other clients send straight to a server, but the server's queue shows them. The requests the
+scrape shows beyond epp's own in flight there (waiting + running - epp's count) are other
+clients'; each waiting one adds tokens per request, each running one `runningRequestTokens`.
+epp's requests that the scrape also shows are not counted twice, and epp's exact count still
+moves the cost between two scrapes. Tokens per request is a moving
 average of the prompts epp routes (a waiting request's prompt has not been prefilled). KV-cache
 use above `kvCacheThreshold` adds up to `kvCacheTokens` at 100%: a new prompt there evicts
 cached prefixes or preempts running requests. An endpoint with unknown or stale metrics costs
@@ -151,8 +152,8 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
         return costs, uncached
 
     def _backlogs(self, state: CycleState, endpoints: list[Endpoint]) -> list[int]:
-        """Each endpoint's prefill work ahead of a new request, in tokens: epp's own, or with
-        `scrapedLoad` the larger of that and what the server's scrape shows, plus KV pressure."""
+        """Each endpoint's prefill work ahead of a new request, in tokens: epp's own, and with
+        `scrapedLoad` what the server's scrape shows of other clients' requests, plus KV pressure."""
         backlog = self.backlog
         own = [backlog.get(ep.hostport, 0) for ep in endpoints]
         if not self.scraped_load:
@@ -164,9 +165,12 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
             if m is None:
                 out.append(mine + self.unknown_metrics_tokens)
                 continue
-            others_running = max(0, m.running - ep.inflight)
-            scraped = int(m.waiting * per_request) + others_running * self.running_request_tokens
-            cost = max(mine, scraped)
+            # The scrape's requests beyond epp's own in flight there are other clients'; taken as
+            # waiting first, since a queue is what delays a new request most.
+            unseen = max(0, m.waiting + m.running - ep.inflight)
+            unseen_waiting = min(m.waiting, unseen)
+            cost = (mine + int(unseen_waiting * per_request)
+                    + (unseen - unseen_waiting) * self.running_request_tokens)
             over = m.kv_usage - self.kv_cache_threshold
             if over > 0 and self.kv_cache_tokens:
                 cost += int(self.kv_cache_tokens * min(1.0, over / max(1e-9, 1.0 - self.kv_cache_threshold)))
