@@ -82,6 +82,8 @@ KIND = "EndpointPickerConfig"
 # one more waiting request moves a pick two thirds as far as a whole prefix match. Under high load
 # they pushed requests off the servers holding their prefixes, the misses evicted other prefixes,
 # and the pool fell into cache thrash (docs/design.md). Both remain for configs that want them.
+# prefill-load-scorer's scrapedLoad weighs the servers' own queues in tokens instead, for pools with
+# traffic epp does not route (docs/design.md); not yet the default: high load is unmeasured.
 DEFAULT_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
