@@ -350,8 +350,9 @@ def test_llm_ds_sample_config_loads_with_the_vllm_token_producer() -> None:
     assert isinstance(producer.token_source, TokenProducer)
 
 
-# It also needs the config loader to build token-producer from the registry (the test above).
-@pytest.mark.xfail(strict=True, reason="director does not await scheduler.prepare yet")
+# The director awaits scheduler.prepare; the config loader must also build token-producer from the
+# registry (the test above).
+@pytest.mark.xfail(strict=True, reason="picker_config handles token-producer itself and refuses its vllm backend")
 async def test_a_running_epp_tokenizes_chats_and_picks_the_pod_that_holds_them(
         pool: Pool, render: SimulatedServer) -> None:
     import grpc
