@@ -475,6 +475,7 @@ class EppServer:
         if self.kube_client is not None:
             await self.kube_client.close()
         self.scraper.stop()
+        await self.director.scheduler.aclose()  # KV-event subscribers, tokenizer sessions
         if self.director.tracer is not None:
             self.director.tracer.shutdown()  # exports the spans still batched
         log.info("epp stopped")

@@ -143,6 +143,14 @@ class PrepareRequestData(ABC):
         ...
 
 
+class Closes(ABC):
+    """Holds something to let go of when epp stops (a socket thread, an HTTP session)."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        ...
+
+
 class PreRequest(ABC):
     """Told what was picked, just before the pick is sent to the proxy."""
 

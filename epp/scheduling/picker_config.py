@@ -114,7 +114,6 @@ TOP_LEVEL = ("apiVersion", "kind", "featureGates", "plugins", "schedulingProfile
 FEATURE_GATES = {"flowControl": False, "haPopulateNonLeaderDatastore": True, "dataLayer": False,
                  "enableLegacyMetrics": False}
 SINGLE_PROFILE_HANDLER = "single-profile-handler"
-TOKEN_PRODUCER = "token-producer"
 # The utilization detector's thresholds as GIE up to v1.4 gave them, inline under saturationDetector.
 INLINE_SATURATION = ("queueDepthThreshold", "kvCacheUtilThreshold", "metricsStalenessThreshold")
 DEFAULT_PARSERS = ("openai-parser", "anthropic-parser", "vllmhttp-parser", "passthrough-parser")
@@ -359,26 +358,10 @@ class _Loader:
             inst.component = "profile-handler"
             inst.used = True
             return inst
-        if ptype == TOKEN_PRODUCER:
-            self.token_producer(params)
-            inst.component = "token-producer"
-            inst.used = True
-            return inst
         plugin = registry.create(ptype, name, params)
         inst.plugin = plugin
         self.add(plugin)
         return inst
-
-    def token_producer(self, params: Params) -> None:
-        for backend in ("vllm", "udsTokenizerConfig"):
-            if params.has(backend):
-                raise ConfigError(f"token-producer: the {backend} tokenizer is not supported by epp, which "
-                                  "estimates 4 characters a token; use the estimate backend")
-        params.deprecated("modelName", why="only tokenizer backends read it")
-        estimate = params.sub("estimate", params.mapping("estimate"))
-        estimate.deprecated("image", "video", why="epp estimates text tokens only")
-        estimate.done()
-        params.done()
 
     def add(self, plugin: Plugin) -> None:
         self.plugins[plugin.name] = plugin

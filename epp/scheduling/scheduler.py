@@ -17,6 +17,7 @@ from epp import errors
 from epp.datastore import Endpoint
 from epp.requests import InferenceRequest
 from epp.scheduling.framework import (
+    Closes,
     CycleState,
     EndpointsChanged,
     Filter,
@@ -124,6 +125,15 @@ class Scheduler:
                 await asyncio.wait_for(p.prepare(request), p.prepare_timeout)
             except Exception as e:  # a data step never fails the request
                 log.debug("prepare of %s failed for %s: %r", p.name, request.request_id, e)
+
+    async def aclose(self) -> None:
+        """epp is stopping: plugins let go of their sockets and sessions."""
+        for p in self.plugins:
+            if isinstance(p, Closes):
+                try:
+                    await p.aclose()
+                except Exception as e:  # one plugin's failure to close stops no other
+                    log.warning("closing plugin %s failed: %r", p.name, e)
 
     def schedule(
         self, request: InferenceRequest, candidates: list[Endpoint], now: float, staleness: float

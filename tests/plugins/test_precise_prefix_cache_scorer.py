@@ -15,7 +15,7 @@ import pytest
 
 from epp.datastore import Endpoint
 from epp.errors import ConfigError
-from epp.scheduling import picker_config, refused, registry
+from epp.scheduling import picker_config, registry
 from epp.scheduling.framework import SchedulingResult
 from epp.scheduling.params import Params
 from epp.scheduling.plugins.precise_prefix_cache_producer import PrecisePrefixCacheProducer
@@ -29,13 +29,6 @@ from tests.helpers import cycle_state, request, until
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 PROMPT = "You are a careful assistant. Answer briefly and cite sources. " * 6  # 5 full blocks of 16
-
-
-@pytest.fixture
-def accepted(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Config loading runs these types (epp.scheduling.refused listed them while epp had no KV events)."""
-    for t in ("precise-prefix-cache-scorer", "precise-prefix-cache-producer"):
-        monkeypatch.delitem(refused.REFUSED, t, raising=False)
 
 
 # --- parameters ------------------------------------------------------------------
@@ -83,7 +76,7 @@ def test_what_epp_cannot_honour_is_refused_by_name(params: dict[str, object], na
             registry.create(t, "p", params)
 
 
-def test_prefix_cache_scorer_names_the_precise_producer_as_in_llm_d(accepted: None) -> None:
+def test_prefix_cache_scorer_names_the_precise_producer_as_in_llm_d() -> None:
     cfg = picker_config.load_text(f"""\
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
@@ -226,7 +219,7 @@ async def test_token_ids_in_the_request_need_no_tokenizer(pods: Pods) -> None:
         p.close()
 
 
-async def test_a_running_epp_picks_the_pod_that_reports_the_prefix(accepted: None, pods: Pods) -> None:
+async def test_a_running_epp_picks_the_pod_that_reports_the_prefix(pods: Pods) -> None:
     """Through epp's ext_proc: B's stored blocks win the pick before epp sent B anything; when B evicts
     them, the pick moves to A, which holds them too."""
     import grpc
@@ -299,3 +292,41 @@ async def test_the_legacy_scorer_keeps_its_own_producer(pods: Pods) -> None:
         await until(lambda: scorer.score(cycle_state(), req, pods.endpoints) == [1.0, 0.0, 0.0], what="A's blocks")
     finally:
         own.close()
+
+
+async def test_stopping_epp_stops_the_event_subscriber_and_frees_its_socket() -> None:
+    """epp binds the central socket; a stopped epp lets go of it (a restart on the same port binds again)."""
+    import zmq
+
+    from epp.server import EppServer, ServeOptions
+
+    grpc_port, health_port, zmq_port = free_ports(3)
+    config = f"""
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: precise-prefix-cache-producer
+  parameters:
+    kvEventsConfig: {{zmqEndpoint: "tcp://127.0.0.1:{zmq_port}", discoverPods: false}}
+- type: prefix-cache-scorer
+  parameters: {{prefixMatchInfoProducerName: precise-prefix-cache-producer}}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins: [{{pluginRef: prefix-cache-scorer}}, {{pluginRef: max-score-picker}}]
+"""
+    server = EppServer(ServeOptions(grpc_port=grpc_port, grpc_health_port=health_port, metrics_port=0,
+                                    bind_address="127.0.0.1", endpoints=["127.0.0.1:9"], config_text=config))
+    producer = next(p for p in server.picker_config.scheduler.plugins if isinstance(p, PrecisePrefixCacheProducer))
+    await server.start()
+    await until(lambda: "central" in producer.subscriber.connected, what="epp to bind the central socket")
+    await server.stop(grace=0, drain=0)
+    assert producer.subscriber._thread is not None
+    assert not producer.subscriber._thread.is_alive()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.SUB)
+    try:
+        sock.bind(f"tcp://127.0.0.1:{zmq_port}")  # raises if epp still held it
+    finally:
+        sock.close(linger=0)
+        ctx.term()

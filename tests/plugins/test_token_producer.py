@@ -343,16 +343,13 @@ schedulingProfiles:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="picker_config handles token-producer itself and refuses its vllm backend")
 def test_llm_ds_sample_config_loads_with_the_vllm_token_producer() -> None:
     cfg = picker_config.load_text(LLM_D_KVCACHE.format(model=MODEL, render="http://127.0.0.1:8000", zmq=5557), "t")
     producer = next(p for p in cfg.scheduler.plugins if isinstance(p, PrecisePrefixCacheProducer))
     assert isinstance(producer.token_source, TokenProducer)
 
 
-# The director awaits scheduler.prepare; the config loader must also build token-producer from the
-# registry (the test above).
-@pytest.mark.xfail(strict=True, reason="picker_config handles token-producer itself and refuses its vllm backend")
+# Through a running epp: the director awaits the token-producer before the cycle.
 async def test_a_running_epp_tokenizes_chats_and_picks_the_pod_that_holds_them(
         pool: Pool, render: SimulatedServer) -> None:
     import grpc

@@ -21,6 +21,7 @@ sent by the client; `simulator`: also epp's simulator's text tokenizer) and `max
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from epp.datastore import Endpoint
@@ -30,7 +31,7 @@ from epp.kvevents.index import BlockIndex
 from epp.kvevents.subscriber import Subscriber
 from epp.kvevents.tokens import REQUEST, TOKENIZERS, cache_salt, tokenizer
 from epp.requests import InferenceRequest
-from epp.scheduling.framework import Binder, CycleState, Lookup, Plugin, SchedulingResult
+from epp.scheduling.framework import Binder, Closes, CycleState, Lookup, Plugin, SchedulingResult
 from epp.scheduling.params import Params
 from epp.scheduling.plugins.approx_prefix_cache_producer import DEFAULT_MAX_BLOCKS, ApproxPrefixCacheProducer
 from epp.scheduling.plugins.token_producer import TokenProducer
@@ -47,7 +48,7 @@ PARAMETERS = ("tokenProcessorConfig", "indexerConfig", "kvEventsConfig", "specul
               "tokenizer", "maxBlocksPerPod")
 
 
-class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer):
+class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer, Closes):
     type_name = "precise-prefix-cache-producer"
 
     def __init__(self, name: str = "", *, block_size: int = DEFAULT_BLOCK_SIZE, hash_seed: str = "",
@@ -104,6 +105,9 @@ class PrecisePrefixCacheProducer(ApproxPrefixCacheProducer):
 
     def close(self) -> None:
         self.subscriber.close()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)  # joins the subscriber's thread: not on the event loop
 
     # --- per request -----------------------------------------------------------
     def precise_keys(self, state: CycleState, request: InferenceRequest) -> list[int] | None:

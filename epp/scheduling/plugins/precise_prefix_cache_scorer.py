@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from epp.scheduling.framework import Binder, Lookup, Plugin
+from epp.scheduling.framework import Binder, Closes, Lookup, Plugin
 from epp.scheduling.params import Params
 from epp.scheduling.plugins.precise_prefix_cache_producer import PrecisePrefixCacheProducer, precise_parameters
 from epp.scheduling.plugins.prefix_cache_scorer import PrefixCacheScorer
 
 
-class PrecisePrefixCacheScorer(PrefixCacheScorer):
+class PrecisePrefixCacheScorer(PrefixCacheScorer, Closes):
     type_name = "precise-prefix-cache-scorer"
 
     def __init__(self, name: str = "", **producer: Any) -> None:
@@ -36,6 +36,10 @@ class PrecisePrefixCacheScorer(PrefixCacheScorer):
             self._owns_producer = False
         elif isinstance(self.producer, PrecisePrefixCacheProducer):
             self.producer.bind(lookup)  # its own producer reads the config's token-producer too
+
+    async def aclose(self) -> None:
+        if self._owns_producer and isinstance(self.producer, PrecisePrefixCacheProducer):
+            await self.producer.aclose()
 
     def describe(self) -> dict[str, Any]:
         if self._owns_producer:

@@ -36,7 +36,7 @@ from epp.requests import (
     RESPONSES,
     InferenceRequest,
 )
-from epp.scheduling.framework import CycleState, Plugin, PrepareRequestData, PreRequest, SchedulingResult
+from epp.scheduling.framework import Closes, CycleState, Plugin, PrepareRequestData, PreRequest, SchedulingResult
 from epp.scheduling.params import Params
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def _multimodal(data: dict[str, Any]) -> bool:
     return False
 
 
-class TokenProducer(Plugin, PrepareRequestData, PreRequest):
+class TokenProducer(Plugin, PrepareRequestData, PreRequest, Closes):
     type_name = "token-producer"
     aliases = ("tokenizer",)
     hook_order = 100  # its ids are let go once the pick is made, after every plugin that reads them
