@@ -95,8 +95,9 @@ def index_parameters(params: Params) -> dict[str, Any]:
     auto_tune = params.bool("autoTune", True)
     if auto_tune and auto_tune_given:
         params.warnings.append(
-            f"plugin {params.plugin_type!r}: autoTune takes the block size from blockSizeTokens: the metrics epp "
-            "scrapes do not carry the servers' cache_config_info")
+            f"plugin {params.plugin_type!r}: autoTune takes the block size from blockSizeTokens and the index "
+            "size from lruCapacityPerServer: epp scrapes the servers' cache geometry but does not size its "
+            "index from it yet")
     block_size_tokens = params.int("blockSizeTokens", DEFAULT_BLOCK_TOKENS, minimum=1)
     if params.has("blockSize"):  # deprecated upstream; llm-d-router takes it as tokens
         legacy = params.int("blockSize", 0, minimum=0)
