@@ -82,8 +82,9 @@ KIND = "EndpointPickerConfig"
 # one more waiting request moves a pick two thirds as far as a whole prefix match. Under high load
 # they pushed requests off the servers holding their prefixes, the misses evicted other prefixes,
 # and the pool fell into cache thrash (docs/design.md). Both remain for configs that want them.
-# prefill-load-scorer's scrapedLoad weighs the servers' own queues in tokens instead, for pools with
-# traffic epp does not route (docs/design.md); not yet the default: high load is unmeasured.
+# prefill-load-scorer's scrapedLoad weighs the servers' own queues in tokens instead (requests beyond
+# epp's own in flight, KV pressure, unknown metrics as busy), for pools with traffic epp does not route
+# (docs/design.md).
 DEFAULT_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -92,6 +93,8 @@ plugins:
 - type: lora-affinity-scorer
 - type: running-requests-scorer
 - type: prefill-load-scorer
+  parameters:
+    scrapedLoad: true
 - type: max-score-picker
 - type: single-profile-handler
 schedulingProfiles:
