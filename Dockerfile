@@ -13,11 +13,15 @@ FROM ${BASE_IMAGE} AS install
 LABEL io.epp.image-build=1
 COPY build/image/wheels /wheels
 # pip runs from its wheel and is not installed; the bytecode is compiled now, as nothing can be
-# written at run time.
+# written at run time. xds-protos carries an older copy of opentelemetry-proto's modules:
+# opentelemetry-proto is installed again so that --tracing's exporter finds its own.
 RUN set -- /wheels/pip-*.whl \
  && python3 -m venv --without-pip /opt/epp \
  && /opt/epp/bin/python "$1/pip" install -q --no-index --find-links /wheels --no-cache-dir \
       --disable-pip-version-check --no-warn-script-location "epp[tracing]" \
+ && /opt/epp/bin/python "$1/pip" install -q --no-index --find-links /wheels --no-cache-dir \
+      --disable-pip-version-check --force-reinstall --no-deps opentelemetry-proto \
+ && /opt/epp/bin/python -c "import opentelemetry.exporter.otlp.proto.grpc.trace_exporter" \
  && /opt/epp/bin/epp --help >/dev/null
 
 FROM ${BASE_IMAGE}

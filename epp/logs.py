@@ -340,7 +340,12 @@ def setup_tracing(enabled: bool, service_name: str = "llm-d-epp", *, exporter: A
         if kind == "otlp":
             try:
                 otlp = _otel("opentelemetry.exporter.otlp.proto.grpc.trace_exporter")
-            except ImportError:
+            except ImportError as e:
+                if "opentelemetry.proto" in str(e):
+                    # xds-protos ships an older copy of the same files; whichever installed last owns them.
+                    raise RuntimeError("OTEL_TRACES_EXPORTER=otlp: opentelemetry-proto's modules were overwritten "
+                                       "by xds-protos' older copy; restore them with pip install --force-reinstall "
+                                       f"--no-deps opentelemetry-proto ({e})") from None
                 raise RuntimeError("OTEL_TRACES_EXPORTER=otlp needs pip install "
                                    "opentelemetry-exporter-otlp-proto-grpc") from None
             if not any(k in os.environ for k in _OTLP_TRANSPORT_ENV):
