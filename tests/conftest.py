@@ -28,20 +28,23 @@ StartEpp = Callable[..., Awaitable[EppServer]]
 async def start_epp() -> AsyncIterator[StartEpp]:
     """`await start_epp(endpoints=3, http_pick=False, **ServeOptions fields)` starts an EppServer.
 
-    It listens on free loopback ports. Its pool is `endpoints` loopback addresses where
-    nothing listens, so scrapes fail and metrics stay unknown unless a test sets them.
+    It listens on free loopback ports. Its pool is the `endpoints` given ("ip:port" strings), or
+    that many loopback addresses where nothing listens, so scrapes fail and metrics stay unknown
+    unless a test sets them.
     Small limits keep tests quick: a 4096-byte body limit and a 0.1 s observer grace;
     scheduling is seeded. The server comes with `stub`, an ext_proc client of its gRPC
     port, and with `http_pick=True` also `http`, an httpx client of its HTTP pick.
     """
     running: list[tuple[EppServer, list[Callable[[], Awaitable[Any]]]]] = []
 
-    async def start(*, endpoints: int = 3, http_pick: bool = False, **overrides: Any) -> EppServer:
-        grpc_port, health_port, pick_port, *pool = free_ports(3 + endpoints)
+    async def start(*, endpoints: int | list[str] = 3, http_pick: bool = False, **overrides: Any) -> EppServer:
+        given = endpoints if isinstance(endpoints, list) else None
+        grpc_port, health_port, pick_port, *pool = free_ports(3 + (0 if given is not None else int(endpoints)))
         opts = ServeOptions(
             grpc_port=grpc_port, grpc_health_port=health_port, metrics_port=0,
             http_pick_port=pick_port if http_pick else 0, bind_address="127.0.0.1",
-            endpoints=[f"127.0.0.1:{p}" for p in pool], max_body_bytes=4096, seed=1, observer_grace=0.1,
+            endpoints=given if given is not None else [f"127.0.0.1:{p}" for p in pool], max_body_bytes=4096,
+            seed=1, observer_grace=0.1,
         )
         server = EppServer(dataclasses.replace(opts, **overrides))
         closers: list[Callable[[], Awaitable[Any]]] = []

@@ -25,7 +25,7 @@ from epp.simulator.engine import EngineConfig
 from epp.simulator.kv_publisher import KVEventsConfig
 from epp.simulator.server import SimulatedServer
 from epp.stack import free_ports
-from tests.helpers import cycle_state, request, until
+from tests.helpers import StartEpp, cycle_state, request, until
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 PROMPT = "You are a careful assistant. Answer briefly and cite sources. " * 6  # 5 full blocks of 16
@@ -219,13 +219,9 @@ async def test_token_ids_in_the_request_need_no_tokenizer(pods: Pods) -> None:
         p.close()
 
 
-async def test_a_running_epp_picks_the_pod_that_reports_the_prefix(pods: Pods) -> None:
+async def test_a_running_epp_picks_the_pod_that_reports_the_prefix(pods: Pods, start_epp: StartEpp) -> None:
     """Through epp's ext_proc: B's stored blocks win the pick before epp sent B anything; when B evicts
     them, the pick moves to A, which holds them too."""
-    import grpc
-    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
-
-    from epp.server import EppServer, ServeOptions
     from tests.extproc_messages import body_msg, completion, dest_header, exchange, headers_msg
 
     config = f"""\
@@ -246,35 +242,25 @@ schedulingProfiles:
   - {{pluginRef: prefix-cache-scorer}}
   - {{pluginRef: max-score-picker}}
 """
-    grpc_port, health_port = free_ports(2)
-    server = EppServer(ServeOptions(grpc_port=grpc_port, grpc_health_port=health_port, metrics_port=0,
-                                    bind_address="127.0.0.1", endpoints=[ep.hostport for ep in pods.endpoints],
-                                    config_text=config, seed=1))
+    server = await start_epp(endpoints=[ep.hostport for ep in pods.endpoints], config_text=config,
+                             max_body_bytes=1 << 20)
     producer = next(p for p in server.picker_config.scheduler.plugins if isinstance(p, PrecisePrefixCacheProducer))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
-    server.stub = pbg.ExternalProcessorStub(channel)  # type: ignore[attr-defined]
-    try:
-        await server.start()
-        await joined(producer, pods)
-        a, b, _ = pods.endpoints
+    await joined(producer, pods)
+    a, b, _ = pods.endpoints
 
-        async def pick() -> str:
-            out = await exchange(server, [headers_msg(), body_msg(completion(PROMPT, MODEL))], 2)
-            return dest_header(out[1].request_body.response)
+    async def pick() -> str:
+        out = await exchange(server, [headers_msg(), body_msg(completion(PROMPT, MODEL))], 2)
+        return dest_header(out[1].request_body.response)
 
-        await send(pods.sims[1], PROMPT)
-        await until(lambda: producer.events.blocks(b.hostport) == 5, what="B's blocks")
-        assert await pick() == b.hostport
-        await send(pods.sims[0], PROMPT)
-        await until(lambda: producer.events.blocks(a.hostport) == 5, what="A's blocks")
-        await send(pods.sims[1], "z" * (16 * 4 * 17))  # B evicts the prompt's blocks
-        await until(lambda: producer.events.match(producer.hashes(cycle_state(), request(PROMPT, MODEL)),
-                                                  [b.hostport]) == {}, what="B's eviction")
-        assert await pick() == a.hostport
-    finally:
-        producer.close()
-        await channel.close()
-        await server.stop(grace=1)
+    await send(pods.sims[1], PROMPT)
+    await until(lambda: producer.events.blocks(b.hostport) == 5, what="B's blocks")
+    assert await pick() == b.hostport
+    await send(pods.sims[0], PROMPT)
+    await until(lambda: producer.events.blocks(a.hostport) == 5, what="A's blocks")
+    await send(pods.sims[1], "z" * (16 * 4 * 17))  # B evicts the prompt's blocks
+    await until(lambda: producer.events.match(producer.hashes(cycle_state(), request(PROMPT, MODEL)),
+                                              [b.hostport]) == {}, what="B's eviction")
+    assert await pick() == a.hostport
 
 
 async def test_the_legacy_scorer_keeps_its_own_producer(pods: Pods) -> None:
@@ -294,13 +280,11 @@ async def test_the_legacy_scorer_keeps_its_own_producer(pods: Pods) -> None:
         own.close()
 
 
-async def test_stopping_epp_stops_the_event_subscriber_and_frees_its_socket() -> None:
+async def test_stopping_epp_stops_the_event_subscriber_and_frees_its_socket(start_epp: StartEpp) -> None:
     """epp binds the central socket; a stopped epp lets go of it (a restart on the same port binds again)."""
     import zmq
 
-    from epp.server import EppServer, ServeOptions
-
-    grpc_port, health_port, zmq_port = free_ports(3)
+    zmq_port = free_ports(1)[0]
     config = f"""
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
@@ -315,10 +299,8 @@ schedulingProfiles:
 - name: default
   plugins: [{{pluginRef: prefix-cache-scorer}}, {{pluginRef: max-score-picker}}]
 """
-    server = EppServer(ServeOptions(grpc_port=grpc_port, grpc_health_port=health_port, metrics_port=0,
-                                    bind_address="127.0.0.1", endpoints=["127.0.0.1:9"], config_text=config))
+    server = await start_epp(endpoints=["127.0.0.1:9"], config_text=config)
     producer = next(p for p in server.picker_config.scheduler.plugins if isinstance(p, PrecisePrefixCacheProducer))
-    await server.start()
     await until(lambda: "central" in producer.subscriber.connected, what="epp to bind the central socket")
     await server.stop(grace=0, drain=0)
     assert producer.subscriber._thread is not None

@@ -32,7 +32,7 @@ from epp.simulator.engine import EngineConfig
 from epp.simulator.kv_publisher import KVEventsConfig
 from epp.simulator.server import SimulatedServer, prompt_text
 from epp.stack import free_ports
-from tests.helpers import NOW, cycle_state, until
+from tests.helpers import NOW, StartEpp, cycle_state, until
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 SYSTEM = "You are a careful assistant. Answer briefly and cite your sources when you can. " * 4
@@ -351,38 +351,24 @@ def test_llm_ds_sample_config_loads_with_the_vllm_token_producer() -> None:
 
 # Through a running epp: the director awaits the token-producer before the cycle.
 async def test_a_running_epp_tokenizes_chats_and_picks_the_pod_that_holds_them(
-        pool: Pool, render: SimulatedServer) -> None:
-    import grpc
-    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pbg
-
-    from epp.server import EppServer, ServeOptions
+        pool: Pool, render: SimulatedServer, start_epp: StartEpp) -> None:
     from tests.extproc_messages import body_msg, dest_header, exchange, headers_msg
 
-    grpc_port, health_port = free_ports(2)
     config = LLM_D_KVCACHE.format(model=MODEL, render=f"http://127.0.0.1:{render.port}", zmq=pool.zmq_port)
-    server = EppServer(ServeOptions(grpc_port=grpc_port, grpc_health_port=health_port, metrics_port=0,
-                                    bind_address="127.0.0.1", endpoints=[ep.hostport for ep in pool.endpoints],
-                                    config_text=config, seed=1))
+    server = await start_epp(endpoints=[ep.hostport for ep in pool.endpoints], config_text=config,
+                             max_body_bytes=1 << 20)
     producer = next(p for p in server.picker_config.scheduler.plugins if isinstance(p, PrecisePrefixCacheProducer))
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
-    server.stub = pbg.ExternalProcessorStub(channel)  # type: ignore[attr-defined]
-    try:
-        await server.start()
 
-        def all_joined() -> bool:
-            for sim, ep in zip(pool.sims, pool.endpoints, strict=True):
-                if not producer.events.publishes(ep.hostport):
-                    sim.engine.reset_prefix_cache()
-            return all(producer.events.publishes(ep.hostport) for ep in pool.endpoints)
+    def all_joined() -> bool:
+        for sim, ep in zip(pool.sims, pool.endpoints, strict=True):
+            if not producer.events.publishes(ep.hostport):
+                sim.engine.reset_prefix_cache()
+        return all(producer.events.publishes(ep.hostport) for ep in pool.endpoints)
 
-        await until(all_joined, what="every server's publisher to reach epp's socket")
-        await serve_chat(pool.sims[1], "first question")
-        await until(lambda: producer.events.blocks(pool.endpoints[1].hostport) > 0, what="B's blocks")
-        body = orjson.dumps({"model": MODEL, "messages": [{"role": "system", "content": SYSTEM},
-                                                          {"role": "user", "content": "another question"}]})
-        out = await exchange(server, [headers_msg(path="/v1/chat/completions"), body_msg(body)], 2)
-        assert dest_header(out[1].request_body.response) == pool.endpoints[1].hostport
-    finally:
-        producer.close()
-        await channel.close()
-        await server.stop(grace=1)
+    await until(all_joined, what="every server's publisher to reach epp's socket")
+    await serve_chat(pool.sims[1], "first question")
+    await until(lambda: producer.events.blocks(pool.endpoints[1].hostport) > 0, what="B's blocks")
+    body = orjson.dumps({"model": MODEL, "messages": [{"role": "system", "content": SYSTEM},
+                                                      {"role": "user", "content": "another question"}]})
+    out = await exchange(server, [headers_msg(path="/v1/chat/completions"), body_msg(body)], 2)
+    assert dest_header(out[1].request_body.response) == pool.endpoints[1].hostport
