@@ -122,7 +122,8 @@ class Scheduler:
         """
         for p in self._preparers:
             try:
-                await asyncio.wait_for(p.prepare(request), p.prepare_timeout)
+                async with asyncio.timeout(p.prepare_timeout):  # no task per call, unlike wait_for
+                    await p.prepare(request)
             except Exception as e:  # a data step never fails the request
                 log.debug("prepare of %s failed for %s: %r", p.name, request.request_id, e)
 
