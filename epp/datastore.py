@@ -29,6 +29,9 @@ class EndpointMetrics:
     # The server's KV cache configuration (vLLM's cache_config_info); 0: not reported.
     cache_block_size: int = 0  # tokens per block
     cache_num_blocks: int = 0  # blocks on the GPU
+    # epp's own requests in flight to the server while it was scraped (the most during the scrape):
+    # of the requests the scrape shows, these may be epp's; the rest are other clients'.
+    own_inflight: int = 0
 
 
 @dataclass(eq=False, slots=True)

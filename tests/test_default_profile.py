@@ -98,5 +98,6 @@ def test_epp_own_requests_the_scrape_also_shows_are_not_counted_twice() -> None:
         return scorer.costs(plan.state, probe, plan.result.candidates)[plan.result.candidates.index(busy)]
 
     before = cost()
-    busy.metrics = EndpointMetrics(waiting=1, running=0, scraped_at=NOW)  # the scrape sees that request
+    # The scrape, taken with that request in flight, shows it.
+    busy.metrics = EndpointMetrics(waiting=1, running=0, own_inflight=busy.inflight, scraped_at=NOW)
     assert cost() - before < len(DOC) // 4 // 2

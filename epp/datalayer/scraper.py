@@ -64,8 +64,9 @@ def _adapters(text: str) -> frozenset[str]:
     return frozenset(a for a in (p.strip() for p in text.split(",")) if a)
 
 
-def extract(text: str, mapping: EngineMapping, now: float) -> tuple[EndpointMetrics, list[str]]:
-    """Turn /metrics text into a snapshot; also returns the names of signals that were missing."""
+def extract(text: str, mapping: EngineMapping, now: float, own_inflight: int = 0) -> tuple[EndpointMetrics, list[str]]:
+    """Turn /metrics text into a snapshot; also returns the names of signals that were missing.
+    `own_inflight`: epp's requests in flight to the server while it was scraped."""
     samples = _samples(text, mapping)
     missing = []
     values: dict[str, float | None] = {}
@@ -117,6 +118,7 @@ def extract(text: str, mapping: EngineMapping, now: float) -> tuple[EndpointMetr
         scraped_at=now,
         cache_block_size=block_size,
         cache_num_blocks=num_blocks,
+        own_inflight=own_inflight,
     )
     return m, missing
 
@@ -295,12 +297,16 @@ class MetricsScraper:
         """One scrape; returns an error message, or None on success."""
         assert self._client is not None
         url = url or ep.metrics_url(self.path, self.scheme)
+        # epp's in-flight count while the server counts its requests, read without a lock (one int):
+        # the most of before and after, so a request epp saw end mid-scrape is not taken for another client's.
+        before = ep.inflight
         try:
             async with self._client.get(url) as resp:
                 if resp.status != 200:
                     raise MetricsParseError(f"HTTP {resp.status} from {url}")
                 body = await _read_capped(resp)
-            metrics, missing = extract(body.decode("utf-8", "replace"), self.mapping_for(ep), time.monotonic())
+            metrics, missing = extract(body.decode("utf-8", "replace"), self.mapping_for(ep), time.monotonic(),
+                                       own_inflight=max(before, ep.inflight))
         except TimeoutError:
             error = f"timed out after {self.timeout:g}s"
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:

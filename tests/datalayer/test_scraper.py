@@ -186,3 +186,26 @@ async def test_a_server_that_goes_down_is_unknown_at_once_not_after_the_stalenes
         assert "Connect" in (ep.scrape_error or "")
     finally:
         scraper.stop()
+
+
+async def test_a_scrape_records_epps_own_requests_in_flight_while_it_was_taken() -> None:
+    """The scorer tells other clients' requests from epp's by this count: the one at scrape time, not now."""
+    port = free_ports(1)[0]
+    server = SimulatedServer("s0", port, EngineConfig())
+    await server.start()
+    ds = Datastore(staleness=2.0)
+    scraper = MetricsScraper(ds, lambda ep: ENGINES["vllm"], interval=0.02, timeout=0.5)
+    try:
+        scraper.start()
+        ds.set_endpoints(static_endpoints([f"127.0.0.1:{port}"]))
+        ep = ds.all_endpoints()[0]
+        await until(lambda: ep.metrics is not None, 10, "a first scrape")
+        assert ep.metrics.own_inflight == 0
+        ep.inflight = 3
+        await until(lambda: ep.metrics.own_inflight == 3, 10, "a scrape taken with three in flight")
+        ep.inflight = 0  # they ended
+        await until(lambda: ep.metrics.own_inflight == 0, 10, "the next scrape")
+    finally:
+        scraper.stop()
+        await server.stop()
+

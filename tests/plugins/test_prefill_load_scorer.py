@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from epp.errors import ConfigError
@@ -214,8 +216,26 @@ def test_scraped_load_counts_the_queue_others_sent_and_kv_pressure_in_tokens() -
     q = request("x" * 40)  # 10 tokens, uncached everywhere
     costs = load.costs(cycle_state(), q, [queued, full, idle])
     assert costs == [2 * 1024 + 3 * 100 + 10, 2000 + 10, 10]  # tokens per request starts at tokenScale
-    queued.inflight = 3  # the running three are epp's own: their prefill is epp's backlog, not counted again
+    # Scraped while the running three were epp's own: their prefill is epp's backlog, not counted again.
+    queued.metrics = replace(queued.metrics, own_inflight=3)
+    queued.inflight = 3
     assert load.costs(cycle_state(), request("y" * 40), [queued])[0] == 2 * 1024 + 10
+
+
+def test_scraped_load_does_not_take_epps_requests_that_ended_since_the_scrape_for_other_clients() -> None:
+    from epp.datastore import EndpointMetrics
+
+    load = scraped(running_request_tokens=100)
+    holder, other = endpoint(1), endpoint(2)
+    # The scrape showed four requests, all epp's; they have all ended since (inflight 0 now): the
+    # holder's queue is empty, not four requests of some other client.
+    holder.metrics = EndpointMetrics(waiting=0, running=4, own_inflight=4, scraped_at=NOW)
+    other.metrics = EndpointMetrics(scraped_at=NOW)
+    costs = load.costs(cycle_state(), request("x" * 40), [holder, other])
+    assert costs == [10, 10]
+    # A request another client sent shows as the scrape's count beyond epp's own at the time.
+    holder.metrics = replace(holder.metrics, running=5)
+    assert load.costs(cycle_state(), request("z" * 40), [holder, other])[0] == 100 + 10
 
 
 def test_scraped_load_treats_unknown_or_stale_metrics_as_busy() -> None:

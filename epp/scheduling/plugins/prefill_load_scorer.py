@@ -21,10 +21,11 @@ of the popular adapters and the rest keep being loaded and evicted.
 
 (d) With `scrapedLoad: true`, the server's own scrape enters (a): epp cannot see requests
 other clients send straight to a server, but the server's queue shows them. The requests the
-scrape shows beyond epp's own in flight there (waiting + running - epp's count) are other
-clients'; each waiting one adds tokens per request, each running one `runningRequestTokens`.
-epp's requests that the scrape also shows are not counted twice, and epp's exact count still
-moves the cost between two scrapes. Tokens per request is a moving
+scrape shows beyond epp's own in flight there when it was taken (waiting + running - epp's count
+then) are other clients'; each waiting one adds tokens per request, each running one
+`runningRequestTokens`. epp's requests that the scrape also shows are not counted twice, nor are
+those that ended since the scrape taken for other clients', and epp's exact count still moves the
+cost between two scrapes. Tokens per request is a moving
 average of the prompts epp routes (a waiting request's prompt has not been prefilled). KV-cache
 use above `kvCacheThreshold` adds up to `kvCacheTokens` at 100%: a new prompt there evicts
 cached prefixes or preempts running requests. An endpoint with unknown or stale metrics costs
@@ -165,9 +166,10 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
             if m is None:
                 out.append(mine + self.unknown_metrics_tokens)
                 continue
-            # The scrape's requests beyond epp's own in flight there are other clients'; taken as
-            # waiting first, since a queue is what delays a new request most.
-            unseen = max(0, m.waiting + m.running - ep.inflight)
+            # The scrape's requests beyond epp's own in flight there at the time are other clients';
+            # taken as waiting first, since a queue is what delays a new request most. Against the
+            # count at scrape time, not now: epp's requests that ended since are not others' queue.
+            unseen = max(0, m.waiting + m.running - m.own_inflight)
             unseen_waiting = min(m.waiting, unseen)
             cost = (mine + int(unseen_waiting * per_request)
                     + (unseen - unseen_waiting) * self.running_request_tokens)
