@@ -69,6 +69,21 @@ def test_a_prefix_holder_with_a_small_real_backlog_keeps_winning() -> None:
     assert got == {holder: 20}
 
 
+def test_kv_pressure_does_not_push_requests_off_their_prefix_holder() -> None:
+    """Under high load every server's KV cache runs full; the holder of a request's prefix stores only
+    the new tokens there, where another server would store (and evict for) the whole prompt."""
+    eps = [endpoint(1), endpoint(2), endpoint(3)]
+    d = director(*eps)
+    holder = next(iter(picks(d, [DOC + "first question?"])))
+    for ep in eps:
+        ep.metrics = EndpointMetrics(kv_usage=0.98 if ep.port == holder else 0.5, scraped_at=NOW)
+    got = picks(d, [DOC + f"follow-up {i}?" for i in range(20)])
+    assert got == {holder: 20}
+    # A prompt no server holds goes where the cache has room.
+    fresh = picks(d, distinct(10))
+    assert fresh[holder] == 0
+
+
 def test_a_pod_busy_with_traffic_only_its_scrape_shows_loses_its_prefix_requests() -> None:
     eps = [endpoint(1), endpoint(2), endpoint(3), endpoint(4)]
     d = director(*eps)

@@ -25,10 +25,11 @@ scrape shows beyond epp's own in flight there when it was taken (waiting + runni
 then) are other clients'; each waiting one adds tokens per request, each running one
 `runningRequestTokens`. epp's requests that the scrape also shows are not counted twice, nor are
 those that ended since the scrape taken for other clients', and epp's exact count still moves the
-cost between two scrapes. Tokens per request is a moving
-average of the prompts epp routes (a waiting request's prompt has not been prefilled). KV-cache
-use above `kvCacheThreshold` adds up to `kvCacheTokens` at 100%: a new prompt there evicts
-cached prefixes or preempts running requests. An endpoint with unknown or stale metrics costs
+cost between two scrapes. Tokens per request is a moving average of the prompts epp routes (a
+waiting request's prompt has not been prefilled). KV-cache use above `kvCacheThreshold` adds up
+to `kvCacheTokens` at 100%, scaled by the share of the prompt the server would newly store: what a
+new prompt there evicts of cached prefixes, or preempts; a prefix holder stores little of it, so
+KV pressure never pushes a request off its cache. An endpoint with unknown or stale metrics costs
 `unknownMetricsTokens`: busy, never idle. All in tokens, not min-max normalised per signal, so a
 prefix holder keeps winning while its real backlog is smaller than the prefill it saves.
 
@@ -134,6 +135,12 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
             block_tokens = self.prefix.block_tokens
         uncached = [max(0, tokens - matched.get(ep.hostport, 0) * block_tokens) for ep in endpoints]
         costs = [b + u for b, u in zip(self._backlogs(state, endpoints), uncached, strict=True)]
+        if self.scraped_load and self.kv_cache_tokens and tokens:
+            # KV pressure costs in proportion to what the request would newly store there: the blocks
+            # it evicts. A prefix holder stores little and keeps its requests under pressure, where a
+            # flat penalty would push them onto servers that must store (and evict) the whole prompt.
+            costs = [c + p * u // tokens
+                     for c, p, u in zip(costs, self._kv_pressure(state, endpoints), uncached, strict=True)]
         if self.prefix is not None and self.occupancy_tokens and tokens:
             # Spread new prefixes over the pool's cache: the larger a server's share of the index, the
             # more a new copy there is likely to evict what another request will want. Only the part
@@ -154,7 +161,7 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
 
     def _backlogs(self, state: CycleState, endpoints: list[Endpoint]) -> list[int]:
         """Each endpoint's prefill work ahead of a new request, in tokens: epp's own, and with
-        `scrapedLoad` what the server's scrape shows of other clients' requests, plus KV pressure."""
+        `scrapedLoad` what the server's scrape shows of other clients' requests."""
         backlog = self.backlog
         own = [backlog.get(ep.hostport, 0) for ep in endpoints]
         if not self.scraped_load:
@@ -171,12 +178,19 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
             # count at scrape time, not now: epp's requests that ended since are not others' queue.
             unseen = max(0, m.waiting + m.running - m.own_inflight)
             unseen_waiting = min(m.waiting, unseen)
-            cost = (mine + int(unseen_waiting * per_request)
-                    + (unseen - unseen_waiting) * self.running_request_tokens)
-            over = m.kv_usage - self.kv_cache_threshold
-            if over > 0 and self.kv_cache_tokens:
-                cost += int(self.kv_cache_tokens * min(1.0, over / max(1e-9, 1.0 - self.kv_cache_threshold)))
-            out.append(cost)
+            out.append(mine + int(unseen_waiting * per_request)
+                       + (unseen - unseen_waiting) * self.running_request_tokens)
+        return out
+
+    def _kv_pressure(self, state: CycleState, endpoints: list[Endpoint]) -> list[int]:
+        """Per endpoint, tokens for a whole prompt stored under its KV-cache use: 0 up to the
+        threshold, `kvCacheTokens` when full (unknown metrics already cost as busy)."""
+        threshold, full = self.kv_cache_threshold, self.kv_cache_tokens
+        out = []
+        for ep in endpoints:
+            m = state.metrics(ep)
+            over = 0.0 if m is None else m.kv_usage - threshold
+            out.append(int(full * min(1.0, over / max(1e-9, 1.0 - threshold))) if over > 0 else 0)
         return out
 
     def _holds_adapter(self, state: CycleState, model: str, endpoints: list[Endpoint]) -> list[bool] | None:
