@@ -168,10 +168,14 @@ class FlowController:
             if item.live:
                 self._leave(item, Outcome.EVICTED_CONTEXT_CANCELLED)
             elif item.future.done() and not item.future.cancelled() and item.future.result() is Outcome.DISPATCHED:
-                self._schedule_pump()  # its turn came but it will not use it: give it to the next
+                # Its turn came but the client left before it could use it: counted as cancelled, and
+                # the turn goes to the next.
+                self._finished(request, band, Outcome.EVICTED_CONTEXT_CANCELLED, loop.time() - item.enqueued)
+                self._schedule_pump()
             raise
         waited = loop.time() - item.enqueued
         if outcome is Outcome.DISPATCHED:
+            self._finished(request, band, outcome, waited)
             return waited
         raise outcome_error(outcome)
 
@@ -312,7 +316,7 @@ class FlowController:
         self._finalize(item, outcome)
 
     def _finalize(self, item: Item, outcome: Outcome) -> None:
-        """The one place an item's outcome is decided: once."""
+        """The one place an item's outcome is decided: once (a dispatch is counted by `admit`, when taken)."""
         item.live = False
         if item.timer is not None:
             item.timer.cancel()
@@ -324,7 +328,8 @@ class FlowController:
         waited = (self._loop.time() - item.enqueued) if self._loop is not None else 0.0
         if self.metrics is not None:
             self.metrics.flow_queued(item.request, band.priority, item.size, -1)
-        self._finished(item.request, band, outcome, waited)
+        if outcome is not Outcome.DISPATCHED:  # a dispatch is counted when its waiter takes it (admit)
+            self._finished(item.request, band, outcome, waited)
 
     def _finished(self, request: Any, band: Band, outcome: Outcome, waited: float) -> None:
         if self.metrics is not None:

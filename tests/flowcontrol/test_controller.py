@@ -322,6 +322,30 @@ async def test_priority_holdback_lets_high_priority_through_while_low_priority_w
     await asyncio.wait_for(low, 1)
 
 
+async def test_a_client_that_leaves_as_its_turn_comes_is_counted_cancelled_and_the_turn_passes_on() -> None:
+    """The dispatch decision and the client's disconnect land in the same loop iteration: the client
+    never gets the request through, so the metrics say cancelled, and the next waiter is served."""
+    pool = Pool(capacity=1)
+    pool.inflight = 1
+    metrics = EppMetrics("pool")
+    fc = controller(pool, metrics=metrics)
+    first = asyncio.create_task(fc.admit(req("first")))
+    await queued(fc, 1)
+    second = asyncio.create_task(fc.admit(req("second")))
+    await queued(fc, 2)
+    finish_one(fc, pool)  # schedules the dispatch cycle that gives `first` its turn ...
+    asyncio.get_running_loop().call_soon(first.cancel)  # ... and right after it, before `first` resumes
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.wait_for(second, 1)
+
+    def count(outcome: str) -> float:
+        return metrics.registry.get_sample_value("llm_d_epp_flow_control_requests_total", {
+            "outcome": outcome, "priority": "0", "inference_pool": "pool"}) or 0
+    assert count("Dispatched") == 1
+    assert count(Outcome.EVICTED_CONTEXT_CANCELLED.value) == 1
+
+
 async def test_every_request_is_decided_exactly_once_under_churn() -> None:
     rng = random.Random(7)
     pool = Pool(capacity=4)
