@@ -102,7 +102,13 @@ def test_sheddable_requests_get_429_only_while_the_pool_is_saturated(stack: Stac
         t.start()
     server = f"127.0.0.1:{stack.explain_port}"
     req = b'{"model": "%s", "prompt": "x"}' % BASE.encode()
-    wait_until(lambda: explain.query(server, req).pool_saturated, 20, "the pool to saturate")
+
+    def saturated_by_queues() -> bool:
+        """Saturated by the servers' queues, as fresh scrapes show them (a stale scrape also counts as
+        saturated, but only for as long as it stays stale)."""
+        plan = explain.query(server, req)
+        return plan.pool_saturated and all(c.metrics.fresh for c in plan.candidates)
+    wait_until(saturated_by_queues, 20, "the pool's queues to saturate it")
 
     shed = post(stack, objective="batch-jobs")
     assert shed.status_code == 429
