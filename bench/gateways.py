@@ -81,9 +81,10 @@ class PoolEnvoy(_NoExtProcEnvoy):
 
 class ReplicaEnvoy(EnvoyProcess):
     """The epp gateway with more epp replicas in its ext_proc cluster, as behind a Service of several
-    epp pods. RANDOM, not the bootstrap's ROUND_ROBIN: each request opens two ext_proc streams (the
-    pick and the response observer), so with one Envoy worker round robin would send every pick to
-    the same replica and every observer stream to the other."""
+    epp pods. With the response observer, RANDOM rather than the bootstrap's ROUND_ROBIN: each request
+    then opens two ext_proc streams (the pick and the observer), so with one Envoy worker round robin
+    would send every pick to the same replica and every observer stream to the other. With GIE's
+    single filter, one stream per request, round robin as shipped."""
 
     def __init__(self, opts: EnvoyOptions, extra_extproc_ports: list[int]) -> None:
         super().__init__(opts)
@@ -92,7 +93,8 @@ class ReplicaEnvoy(EnvoyProcess):
     def config(self) -> dict[str, Any]:
         cfg = render(self.opts)
         cluster = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "ext_proc")
-        cluster["lb_policy"] = "RANDOM"
+        if self.opts.observe_responses:
+            cluster["lb_policy"] = "RANDOM"
         lbs = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
         for port in self.extra_ports:
             lbs.append({"endpoint": {"address": {"socket_address": {

@@ -155,9 +155,10 @@ class EppRouter(Router):
     them all and spreads the picks over them (each keeps its own prefix index)."""
 
     def __init__(self, pods: list[str], logdir: Path, config: str | None = None, layout: str = "ext-proc",
-                 replicas: int = 1) -> None:
+                 replicas: int = 1, observe_responses: bool = True) -> None:
         self.pods, self.logdir, self.config, self.layout = pods, logdir, config, layout
         self.replicas = replicas
+        self.observe_responses = observe_responses  # False: GIE's single ext_proc filter (see EnvoyOptions)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.cmds: list[tuple[list[str], int, int]] = []  # each replica's command, health and metrics port
         self.envoy: EnvoyProcess | None = None
@@ -190,19 +191,20 @@ class EppRouter(Router):
             grpc_ports.append(grpc_port)
             pick_ports.append(pick_port)
         listen, admin = free_ports(2)
-        opts = self.envoy_options(listen, grpc_ports[0], admin, layout=self.layout, http_pick_port=pick_ports[0])
+        opts = self.envoy_options(listen, grpc_ports[0], admin, layout=self.layout, http_pick_port=pick_ports[0],
+                                  observe_responses=self.observe_responses)
         self.envoy = (ReplicaEnvoy(opts, grpc_ports[1:]) if self.replicas > 1 else EnvoyProcess(opts)).start()
         self.envoy.wait_ready()
         self.url = self.envoy.url
 
-    def _requests(self, i: int) -> int:
-        """Requests replica i has handled, from its /metrics (0 when it does not answer)."""
+    def _requests(self, i: int, series: str = "inference_objective_request_total{") -> int:
+        """Requests replica i has handled (or another counter's total), from its /metrics (0 when it
+        does not answer)."""
         try:
             text = httpx.get(f"http://127.0.0.1:{self.cmds[i][2]}/metrics", timeout=5).text
         except httpx.HTTPError:
             return 0
-        return int(sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-                       if ln.startswith("inference_objective_request_total{")))
+        return int(sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(series)))
 
     def restart(self) -> dict[str, Any]:
         """SIGKILL every replica and start each again with the same command and ports; Envoy stays."""
@@ -218,6 +220,9 @@ class EppRouter(Router):
     def counters(self) -> dict[str, Any]:
         after = [self._requests(i) for i in range(self.replicas)]
         out: dict[str, Any] = {"replica_requests": after}
+        if self.replicas > 1:  # the responses each replica saw begin: those whose first byte it timed
+            out["replica_responses_seen"] = [self._requests(i, "inference_objective_request_ttft_seconds_count{")
+                                             for i in range(self.replicas)]
         if self.restarted:
             out = {"replica_requests": [a + b for a, b in zip(after, self.restarted, strict=True)],
                    "requests_after_restart": after}
@@ -433,19 +438,24 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
         servers.append(s)
     pods = [f"127.0.0.1:{p}" for p in ports]
     replicas = getattr(args, "replicas", 2) if scenario == "replicas" else 1
+    # Replicas that share the picks behind one Envoy run GIE's single filter unless told otherwise:
+    # the shipped observer stream would reach the replica that did not pick (docs/deployment.md).
+    observe = replicas == 1 or getattr(args, "replica_layout", "single-filter") == "observer"
     router: Router
     if router_name == "epp":
-        router = EppRouter(pods, logdir, replicas=replicas)
+        router = EppRouter(pods, logdir, replicas=replicas, observe_responses=observe)
     elif router_name == "epp-http-pick":
         router = EppRouter(pods, logdir, layout="http-pick", replicas=replicas)
     elif router_name == "least-queue":
-        router = EppRouter(pods, logdir, LEAST_QUEUE_CONFIG, replicas=replicas)
+        router = EppRouter(pods, logdir, LEAST_QUEUE_CONFIG, replicas=replicas, observe_responses=observe)
     elif router_name == "gie-default":
-        router = EppRouter(pods, logdir, await asyncio.to_thread(GIE_WEIGHTS.read_text), replicas=replicas)
+        router = EppRouter(pods, logdir, await asyncio.to_thread(GIE_WEIGHTS.read_text), replicas=replicas,
+                           observe_responses=observe)
     elif router_name == "epp-config":
         if not getattr(args, "epp_config", ""):
             raise ValueError("router epp-config needs --epp-config FILE")
-        router = EppRouter(pods, logdir, await asyncio.to_thread(Path(args.epp_config).read_text), replicas=replicas)
+        router = EppRouter(pods, logdir, await asyncio.to_thread(Path(args.epp_config).read_text), replicas=replicas,
+                           observe_responses=observe)
     elif router_name == "round-robin":
         router = EnvoyPoolRouter(pods, "ROUND_ROBIN")
     elif router_name == "random":

@@ -7,8 +7,10 @@ what differs is around the router:
                 to one pod (or, with `--bypass-spread`, to each pod in turn), past the router; the
                 router sees only the rest. The tables give the routed requests; the bypass apart.
 - replicas:     `--replicas` (2) epp processes behind one Envoy, its ext_proc cluster listing them
-                all: each replica sees part of the traffic and builds its own prefix index. Routers
-                that are not epp run as they are.
+                all: each replica sees part of the traffic and builds its own prefix index. Envoy runs
+                the layout `--replica-layout` names (GIE's single filter by default, as
+                docs/deployment.md advises for replicas that share the picks). Routers that are not
+                epp run as they are.
 - restart:      the router's process is killed (SIGKILL) at `--restart-at` (0.5) of the arrivals and
                 started again on the same ports while requests keep coming; Envoy stays. Envoy alone
                 (round-robin) has nothing to restart.
@@ -49,6 +51,11 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bypass-tokens", type=int, default=3000, help="bypass: prompt tokens of a bypassing request")
     g.add_argument("--bypass-spread", action="store_true", help="bypass: to every pod in turn, not only the first")
     g.add_argument("--replicas", type=int, default=2, help="replicas: epp processes behind the one Envoy")
+    g.add_argument("--replica-layout", choices=("single-filter", "observer"), default="single-filter",
+                   help="replicas: Envoy's layout in front of the epp replicas: GIE's single ext_proc filter, "
+                        "which docs/deployment.md gives for replicas that share the picks (each request's one "
+                        "stream picks and watches the response), or the shipped two-filter layout, whose "
+                        "response observer reaches the replica that did not pick on about half the requests")
     g.add_argument("--restart-at", type=float, default=0.5, help="restart: when, as a share of the arrivals' span")
     g.add_argument("--slow-factor", type=float, default=2.0, help="mixed-speed: how much slower the slow pod runs")
     g.add_argument("--scale", type=float, default=1.0, help="upstream-shared-prefix: factor on every token count")
@@ -89,7 +96,8 @@ def build(name: str, args: argparse.Namespace) -> workloads.Workload:
                  f"straight to {where}, past the router (the client columns give the routed requests only; "
                  "the in-server ones include the bypass)")
     elif name == "replicas":
-        desc += f"; epp routers as {args.replicas} replicas behind one Envoy"
+        desc += (f"; epp routers as {args.replicas} replicas behind one Envoy "
+                 f"({getattr(args, 'replica_layout', 'single-filter')} layout)")
     elif name == "restart":
         desc += f"; the router's process killed and started again at {args.restart_at:.0%} of the arrivals"
     elif name == "mixed-speed":
@@ -153,10 +161,11 @@ def mechanics_table(rows: list[dict[str, Any]], name: str) -> list[str]:
                        f"{r['bypass_ttft_p50']:.0f} / {r['bypass_ttft_p90']:.0f} ms | {pods} |")
         return [f"Bypassed to {', '.join(rows[0]['mechanics'].get('bypass_pods', []))} past the router:", "", *out, ""]
     if name == "replicas":
-        out = ["| router | requests each epp replica handled |", "|---|---|"]
+        out = ["| router | requests each epp replica handled | of those, responses it saw begin |", "|---|---|---|"]
         for r in rows:
-            reps = r["mechanics"].get("replica_requests")
-            out.append(f"| {r['router']} | {', '.join(map(str, reps)) if reps else 'not epp: one router'} |")
+            reps, seen = r["mechanics"].get("replica_requests"), r["mechanics"].get("replica_responses_seen")
+            out.append(f"| {r['router']} | {', '.join(map(str, reps)) if reps else 'not epp: one router'} | "
+                       f"{', '.join(map(str, seen)) if seen else ''} |")
         return [*out, ""]
     if name == "restart":
         out = ["| router | killed at | back after | failed requests | handled after the restart |",
@@ -229,7 +238,7 @@ def options_line(args: argparse.Namespace, names: list[str]) -> str:
         parts.append(f"bypass share {args.bypass_share:g}, {args.bypass_tokens} tokens, "
                      + ("spread over the pods" if args.bypass_spread else "to one pod"))
     if "replicas" in names:
-        parts.append(f"{args.replicas} epp replicas")
+        parts.append(f"{args.replicas} epp replicas, {args.replica_layout} layout")
     if "restart" in names:
         parts.append(f"restart at {args.restart_at:g} of the arrivals")
     if "mixed-speed" in names:

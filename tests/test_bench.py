@@ -119,6 +119,8 @@ async def test_replicas_split_the_picks_between_two_epps(tmp_path: Path) -> None
     assert len(counts) == 2
     assert min(counts) > 0
     assert sum(counts) == len(wl.requests)
+    # In GIE's single-filter layout (the default here) the replica that picks also sees its response.
+    assert r.mechanics["replica_responses_seen"] == counts
     assert "| epp | " in "\n".join(scenarios.mechanics_table([routing.summary(r)], "replicas"))
 
 
