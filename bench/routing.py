@@ -163,6 +163,7 @@ class EppRouter(Router):
         self.cmds: list[tuple[list[str], int, int]] = []  # each replica's command, health and metrics port
         self.envoy: EnvoyProcess | None = None
         self.restarted: list[int] = []  # requests each replica had served before its restart
+        self.snapshot_dir: Path | None = None
 
     def _spawn(self, i: int) -> None:
         args, health_port, _ = self.cmds[i]
@@ -176,13 +177,16 @@ class EppRouter(Router):
     def start(self) -> None:
         pool = self.logdir / "pool.yaml"
         pool.write_text(POOL_FILE)
+        snapshots = self.snapshot_dir = Path(tempfile.mkdtemp(prefix="prefix-index-", dir=self.logdir))  # this pool's
         grpc_ports, pick_ports = [], []
         for i in range(self.replicas):
             grpc_port, health_port, metrics_port, pick_port = free_ports(4)
             args = [sys.executable, "-m", "epp", "serve", "--endpoints", ",".join(self.pods), "--pool-file", str(pool),
                     "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
                     "--metrics-port", str(metrics_port), "--http-pick-port", str(pick_port),
-                    "--bind-address", "127.0.0.1", "--seed", "1", "--drain-timeout=0s", "--explain-port", "0"]
+                    "--bind-address", "127.0.0.1", "--seed", "1", "--drain-timeout=0s", "--explain-port", "0",
+                    # As the chart runs it: a restarted process starts from the old one's prefix index.
+                    "--prefix-index-snapshot", str(snapshots / f"prefix-index-{i}")]
             if self.config:
                 args += ["--config-text", self.config]
             self.cmds.append((args, health_port, metrics_port))
@@ -235,6 +239,8 @@ class EppRouter(Router):
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=30)
+        if self.snapshot_dir is not None:
+            shutil.rmtree(self.snapshot_dir, ignore_errors=True)
 
 
 class _EnvoyOnlyRouter(Router, ABC):

@@ -166,6 +166,13 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--response-observer-grace", type=_duration, default=2.0,
                    help="a pick whose response no observer stream watches is released this long after "
                         "its ext_proc stream closes (2s)")
+    g.add_argument("--prefix-index-snapshot", default="", metavar="PATH",
+                   help="save the approximate prefix index to this file and load it at start, so a restarted epp "
+                        "keeps routing prompts to the servers that still cache them (default: off)")
+    g.add_argument("--prefix-index-snapshot-interval", type=_duration, default=5.0,
+                   help="how often the prefix index snapshot is written (5s); also when epp stops")
+    g.add_argument("--prefix-index-snapshot-max-age", type=_duration, default=300.0,
+                   help="an older snapshot is not loaded: the servers' caches have moved on (5m)")
     g.add_argument("--grace-period", type=_duration, default=30.0,
                    help="on SIGTERM, after the drain window, how long streams in flight may take to finish (30s)")
     g.add_argument("--drain-timeout", type=_duration, default=30.0,
@@ -286,6 +293,9 @@ def _options(args: argparse.Namespace):
         explain_headers=args.explain_headers,
         explain_port=args.explain_port,
         observer_grace=args.response_observer_grace,
+        prefix_index_snapshot=args.prefix_index_snapshot,
+        prefix_index_snapshot_interval=args.prefix_index_snapshot_interval,
+        prefix_index_snapshot_max_age=args.prefix_index_snapshot_max_age,
         grace_period=args.grace_period,
         drain_timeout=args.drain_timeout,
         grpc_max_recv_msg_size=args.grpc_max_recv_msg_size,

@@ -45,6 +45,7 @@ from epp.metrics_endpoint import MetricsEndpoint
 from epp.rewrites import ModelRewrites
 from epp.scheduling import datalayer_config, picker_config
 from epp.scheduling.framework import PrefixIndexHolder
+from epp.scheduling.index_snapshot import IndexSnapshots, approximate_indexes
 
 if TYPE_CHECKING:
     from lightkube import AsyncClient
@@ -120,6 +121,10 @@ class ServeOptions:
     # caller inside the pod (kubectl exec / port-forward) can ask. 0: off.
     explain_port: int = 0
     observer_grace: float = 2.0
+    # The approximate prefix indexes saved here and loaded at start (epp.scheduling.index_snapshot); "": off.
+    prefix_index_snapshot: str = ""
+    prefix_index_snapshot_interval: float = 5.0
+    prefix_index_snapshot_max_age: float = 300.0
     grace_period: float = 30.0
     # The HTTP pick port closes a connection whose request headers take longer than this (slowloris).
     http_pick_header_timeout: float = 10.0
@@ -211,6 +216,13 @@ class EppServer:
             self.director.tracer = logs.setup_tracing(opts.tracing)
         except RuntimeError as e:  # the OpenTelemetry SDK is missing: say what to install
             raise ConfigError(str(e)) from None
+        self.snapshots = (
+            IndexSnapshots(opts.prefix_index_snapshot, approximate_indexes(self.picker_config.scheduler.plugins),
+                           interval=opts.prefix_index_snapshot_interval,
+                           max_age=opts.prefix_index_snapshot_max_age,
+                           pool_servers=lambda: {ep.hostport for ep in self.datastore.all_endpoints()})
+            if opts.prefix_index_snapshot else None
+        )
         self.exchanges = Exchanges(self.director, self.metrics, observer_grace=opts.observer_grace)
         self.handoffs = Handoffs(grace=opts.observer_grace)
         self.processor = ExternalProcessor(self.exchanges, self.handoffs, max_body_bytes=opts.max_body_bytes)
@@ -362,6 +374,9 @@ class EppServer:
             await s.start()
         if self.http_pick is not None:
             await self.http_pick.start(opts.bind_address, opts.http_pick_port)
+        if self.snapshots is not None:
+            await asyncio.to_thread(self.snapshots.load)  # before the first pick: the old process's view
+            self._tasks.append(asyncio.create_task(self.snapshots.run()))
         if self.scrape.scrape:
             self.scraper.start()
         if self.initial_endpoints or self.pool_file is not None or opts.endpoints:
@@ -470,6 +485,8 @@ class EppServer:
             t.cancel()
         # Cancelling the elector releases a held Lease: a standby takes over at once.
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.snapshots is not None:
+            await self.snapshots.save()  # what the last requests taught the index
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.stop()
         if self.kube_client is not None:

@@ -553,8 +553,17 @@ def test_default_args_are_upstreams(rendered):
         "--grpc-port", "9002",
         "--grpc-health-port", "9003",
         "--metrics-port", "9090",
+        "--prefix-index-snapshot=/tmp/epp-prefix-index",  # epp's own: the index outlives a container restart
         "--tracing=false",
     ]
+
+
+def test_the_prefix_index_snapshot_is_in_the_pods_tmp_and_can_be_turned_off():
+    """/tmp is the pod's emptyDir (it outlives the container); the value turns it off, a flag moves it."""
+    off = args(render(merged(POOL, {"inferenceExtension": {"prefixIndexSnapshot": {"enabled": False}}})))
+    assert not [a for a in off if a.startswith("--prefix-index-snapshot")]
+    moved = args(render(merged(POOL, {"inferenceExtension": {"flags": {"prefix-index-snapshot": "/data/index"}}})))
+    assert [a for a in moved if a.startswith("--prefix-index-snapshot")] == ["--prefix-index-snapshot=/data/index"]
 
 
 def test_image_defaults_to_epp_at_the_charts_app_version(rendered):

@@ -75,6 +75,18 @@ class PrefixIndex:
         for _ in range(excess):
             lru.popitem(last=False)
 
+    def entries(self) -> Iterable[tuple[str, Iterable[int]]]:
+        """Each server's block hashes, least recently sent first (what a snapshot saves)."""
+        return self._servers.items()
+
+    def restore(self, server: str, hashes: Iterable[int]) -> None:
+        """Take a server's block hashes from a snapshot, least recently sent first; those beyond
+        the capacity, the oldest, are dropped."""
+        lru = OrderedDict.fromkeys(hashes)
+        for _ in range(len(lru) - self.capacity):
+            lru.popitem(last=False)
+        self._servers[server] = lru
+
     def remove_server(self, server: str) -> None:
         self._servers.pop(server, None)
 

@@ -93,6 +93,11 @@ class PrefixCacheScorer(Scorer, PreRequest, EndpointsChanged, PrefixIndexHolder)
             out["prefixMatchInfoProducerName"] = self.producer.name
         return out
 
+    @property
+    def own_producer(self) -> ApproxPrefixCacheProducer | None:
+        """The index this scorer keeps itself, or None when it reads a shared producer's."""
+        return self.producer if self._owns_producer else None
+
     # The index, for the plugins that read it through the scorer (prefill-load-scorer).
     @property
     def index(self) -> PrefixIndex:
