@@ -6,8 +6,9 @@ prompt's next request by load alone, mostly on a server that does not hold its p
 prefill per prompt in use, while the servers still hold every prefix the old process placed. With a
 snapshot the new process starts from the old one's view, at most one interval old.
 
-`--prefix-index-snapshot PATH` turns it on; the file is written every interval (in a worker thread,
-from a copy taken on the event loop) and when epp stops, replaced atomically. A file older than
+`--prefix-index-snapshot PATH` turns it on; the file is written every interval and when epp stops,
+replaced atomically: the entries are copied on the event loop a server at a time, encoded and
+written in a worker thread. A file older than
 `--prefix-index-snapshot-max-age`, from an index with another block size, or unreadable is ignored
 (logged): epp then starts empty, as without it. Servers that are no longer in the pool are not
 written. The approximate indexes are kept (a precise producer's too, its fall-back for servers that
@@ -119,14 +120,24 @@ class IndexSnapshots:
         log.info("prefix index snapshot %s loaded: %d entries, %.1fs old", self.path, restored, age)
         return restored
 
-    def _collect(self) -> bytes:
-        """The indexes as file contents; on the event loop, so no request changes them meanwhile."""
+    async def _copy(self) -> dict[str, tuple[int, dict[str, list[int]]]]:
+        """The indexes' entries, copied on the event loop one server at a time (a millisecond or two
+        each), so requests are scheduled in between and no request changes a server's entries mid-copy."""
         live = self.pool_servers()
-        indexes = {}
+        out = {}
         for name, producer in self.indexes.items():
-            servers = {server: _packed(hashes) for server, hashes in producer.index.entries()
-                       if not live or server in live}
-            indexes[name] = {"blockChars": producer.block_chars, "servers": servers}
+            servers = {}
+            for server, hashes in list(producer.index.entries()):
+                if not live or server in live:
+                    servers[server] = list(hashes)
+                    await asyncio.sleep(0)
+            out[name] = (producer.block_chars, servers)
+        return out
+
+    @staticmethod
+    def _encode(copies: dict[str, tuple[int, dict[str, list[int]]]]) -> bytes:
+        indexes = {name: {"blockChars": block_chars, "servers": {s: _packed(h) for s, h in servers.items()}}
+                   for name, (block_chars, servers) in copies.items()}
         return msgpack.packb({"format": FORMAT, "savedAt": time.time(), "indexes": indexes})
 
     def _write(self, data: bytes) -> None:
@@ -136,9 +147,9 @@ class IndexSnapshots:
 
     async def save(self) -> None:
         """Write the file now; a failure is logged (once until a write succeeds), never raised."""
-        data = self._collect()
+        copies = await self._copy()
         try:
-            await asyncio.to_thread(self._write, data)
+            await asyncio.to_thread(lambda: self._write(self._encode(copies)))
         except OSError as e:
             if not self._failing:
                 log.warning("prefix index snapshot %s not written (%s); will retry every %gs",

@@ -48,12 +48,12 @@ def next_picks(scheduler, eps: list) -> dict[int, str]:
             for i, doc in enumerate(DOCS)}
 
 
-def test_a_new_scheduler_loaded_from_the_snapshot_routes_each_prefix_where_it_went(tmp_path: Path) -> None:
+async def test_a_new_scheduler_loaded_from_the_snapshot_routes_each_prefix_where_it_went(tmp_path: Path) -> None:
     eps = [endpoint(p) for p in (1, 2, 3)]
     old, placed = route_docs(eps)
     assert len(set(placed.values())) > 1  # spread over the pool, so a match is no accident
     path = tmp_path / "index"
-    path.write_bytes(snapshots(path, old.plugins)._collect())
+    await snapshots(path, old.plugins).save()
 
     fresh = default_config(seed=2).scheduler
     assert next_picks(fresh, eps) != placed  # an empty index places by load: elsewhere for some
@@ -62,11 +62,11 @@ def test_a_new_scheduler_loaded_from_the_snapshot_routes_each_prefix_where_it_we
     assert next_picks(restored, eps) == placed
 
 
-def test_an_old_snapshot_is_not_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_an_old_snapshot_is_not_loaded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     eps = [endpoint(p) for p in (1, 2, 3)]
     old, _ = route_docs(eps)
     path = tmp_path / "index"
-    path.write_bytes(snapshots(path, old.plugins)._collect())
+    await snapshots(path, old.plugins).save()
     then = time.time() - 600
     doc = msgpack.unpackb(path.read_bytes())
     doc["savedAt"] = then
@@ -78,12 +78,12 @@ def test_an_old_snapshot_is_not_loaded(tmp_path: Path, caplog: pytest.LogCapture
     assert all(fresh_index.index.size() == 0 for fresh_index in approximate_indexes(fresh.plugins).values())
 
 
-def test_a_snapshot_of_another_block_size_or_a_corrupt_file_is_ignored(
+async def test_a_snapshot_of_another_block_size_or_a_corrupt_file_is_ignored(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     eps = [endpoint(p) for p in (1, 2, 3)]
     old, _ = route_docs(eps)
     path = tmp_path / "index"
-    path.write_bytes(snapshots(path, old.plugins)._collect())
+    await snapshots(path, old.plugins).save()
     other = load_text("""\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -103,12 +103,12 @@ schedulingProfiles:
     assert "ignored" in caplog.text
 
 
-def test_servers_no_longer_in_the_pool_are_not_saved(tmp_path: Path) -> None:
+async def test_servers_no_longer_in_the_pool_are_not_saved(tmp_path: Path) -> None:
     eps = [endpoint(p) for p in (1, 2, 3)]
     old, placed = route_docs(eps)
     path = tmp_path / "index"
     keep = {eps[0].hostport}
-    path.write_bytes(snapshots(path, old.plugins, pool=keep)._collect())
+    await snapshots(path, old.plugins, pool=keep).save()
     doc = msgpack.unpackb(path.read_bytes())
     saved = {server for index in doc["indexes"].values() for server in index["servers"]}
     assert saved == keep & set(placed.values())
