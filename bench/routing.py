@@ -201,9 +201,12 @@ class EppRouter(Router):
         self.envoy.wait_ready()
         self.url = self.envoy.url
 
-    def _requests(self, i: int, series: str = "inference_objective_request_total{") -> int:
-        """Requests replica i has handled (or another counter's total), from its /metrics (0 when it
-        does not answer)."""
+    def _requests(self, i: int) -> int:
+        """Requests replica i has handled."""
+        return self._metric_total(i, "inference_objective_request_total{")
+
+    def _metric_total(self, i: int, series: str) -> int:
+        """The sum of a series' samples on replica i's /metrics (0 when it does not answer)."""
         try:
             text = httpx.get(f"http://127.0.0.1:{self.cmds[i][2]}/metrics", timeout=5).text
         except httpx.HTTPError:
@@ -225,7 +228,7 @@ class EppRouter(Router):
         after = [self._requests(i) for i in range(self.replicas)]
         out: dict[str, Any] = {"replica_requests": after}
         if self.replicas > 1:  # the responses each replica saw begin: those whose first byte it timed
-            out["replica_responses_seen"] = [self._requests(i, "inference_objective_request_ttft_seconds_count{")
+            out["replica_responses_seen"] = [self._metric_total(i, "inference_objective_request_ttft_seconds_count{")
                                              for i in range(self.replicas)]
         if self.restarted:
             out = {"replica_requests": [a + b for a, b in zip(after, self.restarted, strict=True)],
@@ -448,20 +451,19 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
     # the shipped observer stream would reach the replica that did not pick (docs/deployment.md).
     observe = replicas == 1 or getattr(args, "replica_layout", "single-filter") == "observer"
     router: Router
+    epp_kw: dict[str, Any] = {"replicas": replicas, "observe_responses": observe}
     if router_name == "epp":
-        router = EppRouter(pods, logdir, replicas=replicas, observe_responses=observe)
+        router = EppRouter(pods, logdir, **epp_kw)
     elif router_name == "epp-http-pick":
         router = EppRouter(pods, logdir, layout="http-pick", replicas=replicas)
     elif router_name == "least-queue":
-        router = EppRouter(pods, logdir, LEAST_QUEUE_CONFIG, replicas=replicas, observe_responses=observe)
+        router = EppRouter(pods, logdir, LEAST_QUEUE_CONFIG, **epp_kw)
     elif router_name == "gie-default":
-        router = EppRouter(pods, logdir, await asyncio.to_thread(GIE_WEIGHTS.read_text), replicas=replicas,
-                           observe_responses=observe)
+        router = EppRouter(pods, logdir, await asyncio.to_thread(GIE_WEIGHTS.read_text), **epp_kw)
     elif router_name == "epp-config":
         if not getattr(args, "epp_config", ""):
             raise ValueError("router epp-config needs --epp-config FILE")
-        router = EppRouter(pods, logdir, await asyncio.to_thread(Path(args.epp_config).read_text), replicas=replicas,
-                           observe_responses=observe)
+        router = EppRouter(pods, logdir, await asyncio.to_thread(Path(args.epp_config).read_text), **epp_kw)
     elif router_name == "round-robin":
         router = EnvoyPoolRouter(pods, "ROUND_ROBIN")
     elif router_name == "random":

@@ -22,16 +22,15 @@ StartEpp = Callable[..., Awaitable[EppServer]]
 
 
 def endpoint(port: int, *, waiting: int | None = 0, kv: float = 0.0, active: tuple[str, ...] = (),
-             waiting_loras: tuple[str, ...] = (), max_lora: int = 0, age: float = 0.0, inflight: int = 0,
-             own_inflight: int | None = None) -> Endpoint:
-    """An endpoint whose last scrape was taken while epp's `inflight` requests (or `own_inflight`)
-    were already there: the scrape's counts include them."""
+             waiting_loras: tuple[str, ...] = (), max_lora: int = 0, age: float = 0.0, inflight: int = 0) -> Endpoint:
+    """An endpoint whose last scrape was taken while epp's `inflight` requests were already there:
+    the scrape's counts include them."""
     ep = Endpoint("10.0.0.1", port)
     if waiting is not None:
         ep.metrics = EndpointMetrics(waiting=waiting, kv_usage=kv, active_adapters=frozenset(active),
                                      waiting_adapters=frozenset(waiting_loras), max_lora=max_lora,
                                      scraped_at=NOW - age,
-                                     own_inflight=inflight if own_inflight is None else own_inflight)
+                                     own_inflight=inflight)
     ep.inflight = inflight
     return ep
 

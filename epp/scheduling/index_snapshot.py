@@ -92,12 +92,8 @@ class IndexSnapshots:
             log.warning("prefix index snapshot %s not read (%s): starting with an empty index", self.path, e)
             return 0
         try:
-            doc = msgpack.unpackb(data, raw=False)
-            if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-                raise ValueError("not an epp prefix index snapshot")
-            age = time.time() - float(doc["savedAt"])
-            saved: dict[str, Any] = doc["indexes"]
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
+            age, found = self._parse(data)
+        except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as e:
             log.warning("prefix index snapshot %s ignored (%s): starting with an empty index", self.path, e)
             return 0
         if age > self.max_age:
@@ -105,20 +101,32 @@ class IndexSnapshots:
                      self.path, age)
             return 0
         restored = 0
-        for name, producer in self.indexes.items():
-            entry = saved.get(name)
-            if entry is None:
-                continue
-            if entry.get("blockChars") != producer.block_chars:
-                log.warning("prefix index snapshot %s: %s was saved with %s-character blocks, the config has %d: "
-                            "not loaded", self.path, name, entry.get("blockChars"), producer.block_chars)
-                continue
-            for server, packed in entry.get("servers", {}).items():
-                hashes = _unpacked(packed)
+        for producer, servers in found:
+            for server, hashes in servers.items():
                 producer.index.restore(server, hashes)
                 restored += min(len(hashes), producer.index.capacity)
         log.info("prefix index snapshot %s loaded: %d entries, %.1fs old", self.path, restored, age)
         return restored
+
+    def _parse(self, data: bytes) -> tuple[float, list[tuple[ApproxPrefixCacheProducer, dict[str, array[int]]]]]:
+        """The file's age and, for each configured index it holds with the same block size, its
+        servers' hashes. Raises on anything malformed, before any index is touched."""
+        doc = msgpack.unpackb(data, raw=False)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError("not an epp prefix index snapshot")
+        age = time.time() - float(doc["savedAt"])
+        saved: dict[str, Any] = doc["indexes"]
+        found = []
+        for name, producer in self.indexes.items():
+            entry = saved.get(name)
+            if entry is None:
+                continue
+            if entry["blockChars"] != producer.block_chars:
+                log.warning("prefix index snapshot %s: %s was saved with %s-character blocks, the config has %d: "
+                            "not loaded", self.path, name, entry["blockChars"], producer.block_chars)
+                continue
+            found.append((producer, {str(server): _unpacked(packed) for server, packed in entry["servers"].items()}))
+        return age, found
 
     async def _copy(self) -> dict[str, tuple[int, dict[str, list[int]]]]:
         """The indexes' entries, copied on the event loop one server at a time (a millisecond or two

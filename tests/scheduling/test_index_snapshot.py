@@ -98,9 +98,17 @@ schedulingProfiles:
     assert snapshots(path, other.plugins).load() == 0
     assert "blocks, the config has" in caplog.text
 
-    path.write_bytes(b"\x00 not msgpack at all")
-    assert snapshots(path, default_config().scheduler.plugins).load() == 0
-    assert "ignored" in caplog.text
+    for garbage in (b"\x00 not msgpack at all",
+                    msgpack.packb({"format": "epp-prefix-index/1", "savedAt": time.time(), "indexes": [1, 2]}),
+                    msgpack.packb({"format": "epp-prefix-index/1", "savedAt": time.time(),
+                                   "indexes": {"approx-prefix-cache-producer": {"blockChars": 64,
+                                                                                "servers": {"a:1": 7}}}})):
+        path.write_bytes(garbage)
+        caplog.clear()
+        fresh = default_config().scheduler
+        assert snapshots(path, fresh.plugins).load() == 0
+        assert "ignored" in caplog.text
+        assert all(p.index.size() == 0 for p in approximate_indexes(fresh.plugins).values())
 
 
 async def test_servers_no_longer_in_the_pool_are_not_saved(tmp_path: Path) -> None:
