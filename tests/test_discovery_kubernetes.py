@@ -330,6 +330,7 @@ async def test_the_servers_watch_timeout_resumes_without_relisting(api: KubeApi,
     async with Discovery(client, watch_timeout=0.5) as d:  # timeoutSeconds=1: the server ends each watch
         await d.synced()
         watches = lambda: [c for c in api.calls if c.path.endswith("/pods") and c.query.get("watch")]  # noqa: E731
+        await d.until(lambda: len(watches()) >= 1)  # synced after the list; the watch opens just after
         assert watches()[0].query["timeoutSeconds"] == "1"
         await d.until(lambda: len(watches()) >= 2)
         api.apply(pod("b", "10.0.0.2"))
