@@ -128,6 +128,7 @@ class Exchanges:
         """The response's headers arrived; `served` is the endpoint the proxy reports having sent the
         request to. Returns the headers the plugins add to the client's response."""
         ex.usage.headers(status, content_type)
+        ex.req.response_status = ex.usage.status
         if served:
             ex.req.served_endpoint = served
         added = self.director.scheduler.response_headers(ex.req, ex.decision.endpoint)

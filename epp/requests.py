@@ -67,6 +67,8 @@ class InferenceRequest:
     parser: Parser | None = field(default=None, repr=False)
     # The endpoint the proxy reports having sent the request to (x-gateway-destination-endpoint-served).
     served_endpoint: str = ""
+    # The response's HTTP status, once its headers arrived (0 before).
+    response_status: int = 0
 
     def forwarded_body(self) -> bytes:
         """The body to send to the model server: the client's, or with `model` set to the target model."""

@@ -37,8 +37,9 @@ def _to_python(node: yaml.Node, constructor: yaml.SafeLoader, source: str) -> An
             if k.tag != _MERGE_TAG:
                 try:
                     seen = first_line.get(key)
-                except TypeError:  # an unhashable key: Python's dict refuses it below, as before
-                    seen = None
+                except TypeError:  # a mapping or list used as a key, as in `{{a: 1}}`
+                    raise YamlError(f"{source}:{k.start_mark.line + 1}: a key must be a plain value, "
+                                    f"not {type(key).__name__.removeprefix('Line').lower()}") from None
                 if seen is not None:
                     # As upstream's strict decoding (sigs.k8s.io/yaml): a key given twice is an error, not
                     # the last value silently winning.

@@ -53,3 +53,8 @@ def test_a_config_with_a_duplicate_key_does_not_load(tmp_path) -> None:
     path.write_text(CONFIG)
     with pytest.raises(ValueError, match=r"epp\.yaml:9: duplicate key 'blockSizeTokens'"):
         picker_config.load_file(str(path))
+
+
+def test_a_mapping_used_as_a_key_is_a_clear_error() -> None:
+    with pytest.raises(YamlError, match=r"^epp\.yaml:2: a key must be a plain value, not dict$"):
+        load_documents("plugins:\n- parameters: {{serverSpeed: true}}\n", "epp.yaml")

@@ -83,8 +83,9 @@ KIND = "EndpointPickerConfig"
 # they pushed requests off the servers holding their prefixes, the misses evicted other prefixes,
 # and the pool fell into cache thrash (docs/design.md). Both remain for configs that want them.
 # prefill-load-scorer's scrapedLoad weighs the servers' own queues in tokens instead (requests beyond
-# epp's own in flight, KV pressure, unknown metrics as busy), for pools with traffic epp does not route
-# (docs/design.md).
+# epp's own in flight, KV pressure, unknown metrics as busy), for pools with traffic epp does not route;
+# serverSpeed counts that work at each server's own speed, timed from epp's streamed responses, for
+# pools whose servers differ in speed (a node rollout, mixed accelerators) (docs/design.md).
 DEFAULT_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -95,6 +96,7 @@ plugins:
 - type: prefill-load-scorer
   parameters:
     scrapedLoad: true
+    serverSpeed: true
 - type: max-score-picker
 - type: single-profile-handler
 schedulingProfiles:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import orjson
 import pytest
 
+from epp.datastore import EndpointMetrics
 from epp.errors import ConfigError
+from epp.scheduling import server_speed
 from epp.scheduling.framework import SchedulingResult
 from epp.scheduling.picker_config import load_text
 from epp.scheduling.plugins.prefill_load_scorer import PrefillLoadScorer
@@ -20,8 +23,9 @@ from tests.extproc_messages import (
     dest_header,
     headers_msg,
     response_body_msg,
+    response_headers_msg,
 )
-from tests.helpers import NOW, cycle_state, endpoint, request
+from tests.helpers import NOW, cycle_state, endpoint, request, until
 
 DOC = "a long shared document. " * 500  # ~3000 tokens at 4 characters a token
 
@@ -248,3 +252,208 @@ def test_scraped_load_treats_unknown_or_stale_metrics_as_busy() -> None:
 def test_scraped_load_parameters_need_scraped_load() -> None:
     with pytest.raises(ConfigError, match="only with scrapedLoad"):
         load_text(CONFIG.replace("prefixScorer: queue-scorer", "kvCacheTokens: 10"), "test")
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def timed(clock: Clock, **kw: object) -> tuple[PrefixCacheScorer, PrefillLoadScorer]:
+    prefix = PrefixCacheScorer("prefix-cache-scorer")
+    load = PrefillLoadScorer(server_speed=True, occupancy_tokens=0, clock=clock, **kw)  # type: ignore[arg-type]
+    load.bind({"prefix-cache-scorer": prefix}.get)
+    return prefix, load
+
+
+def streamed(prompt: str, status: int = 200):  # type: ignore[no-untyped-def]
+    """A streamed request whose response headers came back with `status`."""
+    req = request(prompt)
+    req.stream = True
+    req.response_status = status
+    return req
+
+
+def serve(clock: Clock, prefix: PrefixCacheScorer, load: PrefillLoadScorer, eps, to: int, prompt: str,
+          ms_per_token: float) -> None:
+    """Send one streamed request to eps[to], a tenth of a second after the last; its first byte comes
+    after its work at that speed."""
+    clock.t += 0.1
+    req = streamed(prompt)
+    send(prefix, load, req, eps, to)
+    _, _, work, _ = load._pending[id(req)]
+    clock.t += (512 + work) * ms_per_token / 1000
+    req.response_status = 200
+    load.response_started(req, eps[to])
+    load.response_complete(req, eps[to])
+
+
+def test_a_slower_server_loses_a_prefix_that_a_faster_one_also_holds() -> None:
+    """During a node rollout one pod takes twice as long per token: where both hold the prompt, the
+    fast one wins; with like servers the same two are a tie, as without the estimate."""
+    clock = Clock()
+    prefix, load = timed(clock)
+    eps = [endpoint(1), endpoint(2), endpoint(3)]
+    q = DOC + "a question?"
+    for i in range(server_speed.MIN_SAMPLES):  # every server has answered enough of epp's streamed requests
+        for to, speed in ((0, 0.05), (1, 0.025), (2, 0.025)):
+            serve(clock, prefix, load, eps, to, f"document {i} for {to}. " * 50, speed)
+    assert set(load.speeds.relative) == {eps[0].hostport}
+    assert load.speeds.relative[eps[0].hostport] == pytest.approx(2.0, rel=0.05)
+    for to in (0, 1):
+        serve(clock, prefix, load, eps, to, q, 0.025 if to else 0.05)
+    scores = load.score(cycle_state(), request(q), eps)
+    assert scores[1] == 1.0
+    assert scores[0] < scores[1]
+    # A slow server's cost, step included, is its relative speed times the fast one's.
+    costs = load.costs(cycle_state(), request(q), eps)
+    assert costs[0] == pytest.approx(2.0 * (512 + costs[1]) - 512, abs=2)
+
+
+def test_a_prefix_in_demand_moves_off_a_slow_server_that_alone_holds_it() -> None:
+    """Request by request, staying on the slow holder is cheaper than prefilling the document again;
+    once the document has been asked for often, its coming requests' extra time there outweighs one
+    copy on a fast server, and after that the fast copy serves it."""
+    clock = Clock()
+    prefix, load = timed(clock)
+    eps = [endpoint(1), endpoint(2), endpoint(3)]
+    for i in range(server_speed.MIN_SAMPLES):
+        for to, speed in ((0, 0.05), (1, 0.025), (2, 0.025)):
+            serve(clock, prefix, load, eps, to, f"document {i} for {to}. " * 50, speed)
+    serve(clock, prefix, load, eps, 0, DOC, 0.05)  # it read the document before it was known as slow
+    picks = []
+    for i in range(30):  # a popular document only the slow server holds, asked for every half second
+        q = request(DOC + f"question {i}?")
+        scores = load.score(cycle_state(), q, eps)
+        to = scores.index(max(scores))
+        picks.append(to)
+        clock.t += 0.4
+        serve(clock, prefix, load, eps, to, DOC + f"question {i}?", 0.05 if to == 0 else 0.025)
+    moved = picks.index(1) if 1 in picks else picks.index(2)
+    assert 1 <= moved < 20
+    assert set(picks[:moved]) == {0}
+    assert set(picks[moved:]) == {picks[moved]}  # moved once, and stays on the fast copy
+    # A document nobody has asked for since the first time stays on the slow server that holds it.
+    serve(clock, prefix, load, eps, 0, "a rare document. " * 400, 0.05)
+    rare = load.score(cycle_state(), request("a rare document. " * 400 + "?"), eps)
+    assert rare[0] == 1.0
+
+
+def test_a_busy_server_of_the_same_speed_is_not_judged_slow() -> None:
+    """Requests that meet a queue (epp's own prefill there, or waiting requests in the scrape) do not
+    time the server: their wait says how busy it is, which the backlog already counts, not its speed."""
+    clock = Clock()
+    prefix, load = timed(clock)
+    eps = [endpoint(1), endpoint(2)]
+    per_token = 0.025 / 1000
+    for i in range(server_speed.MIN_SAMPLES):
+        clock.t += 0.1
+        busy, question = streamed(f"a long document {i}. " * 400), streamed(f"question {i}. " * 20)
+        send(prefix, load, busy, eps, to=0)
+        send(prefix, load, question, eps, to=0)  # behind the long document's prefill: not timed
+        assert load._pending[id(question)][3] is None
+        sent = clock.t
+        clock.t = sent + (512 + load._pending[id(busy)][2]) * per_token
+        load.response_started(busy, eps[0])
+        clock.t += 1.0  # however long it waited
+        load.response_started(question, eps[0])
+        serve(clock, prefix, load, eps, 1, f"other {i}. " * 20, 0.025)
+    assert load.speeds.relative == {}
+    eps[0].metrics = EndpointMetrics(waiting=3, scraped_at=NOW)  # a queue epp did not send
+    queued = streamed("one more question. " * 20)
+    send(prefix, load, queued, eps, to=0)
+    assert load._pending[id(queued)][3] is None
+
+
+def test_like_servers_with_noisy_timings_route_as_without_the_estimate() -> None:
+    clock = Clock()
+    prefix, load = timed(clock)
+    eps = [endpoint(1), endpoint(2), endpoint(3)]
+    for i in range(2 * server_speed.MIN_SAMPLES):
+        for to, speed in ((0, 0.028), (1, 0.025), (2, 0.022)):  # within the 25% tolerance
+            serve(clock, prefix, load, eps, to, f"document {i} for {to}. " * 50, speed)
+    assert load.speeds.relative == {}
+    plain_prefix, plain = bound()
+    plain.occupancy_tokens = 0
+    for p, pl in ((prefix, load), (plain_prefix, plain)):
+        send(p, pl, request(DOC), eps, to=2)
+    assert load.score(cycle_state(), request(DOC + "?"), eps) == plain.score(cycle_state(), request(DOC + "?"), eps)
+
+
+def test_only_successful_streamed_responses_are_timed_and_old_estimates_expire() -> None:
+
+    clock = Clock()
+    prefix, load = timed(clock)
+    eps = [endpoint(1), endpoint(2)]
+    for i in range(10):  # not streamed: the first byte is the whole answer, says nothing of prefill
+        req = request(f"document {i}. " * 50)
+        req.response_status = 200
+        send(prefix, load, req, eps, to=i % 2)
+        clock.t += 5.0 if i % 2 == 0 else 0.01
+        load.response_started(req, eps[i % 2])
+    for i in range(10):  # a server failing at once is not fast: its error bodies are not timed
+        req = streamed(f"failing {i}. " * 50, status=503)
+        send(prefix, load, req, eps, to=0)
+        clock.t += 0.001
+        load.response_started(req, eps[0])
+    assert load.speeds._sums == {}
+    for i in range(server_speed.MIN_SAMPLES):
+        serve(clock, prefix, load, eps, 0, f"slow {i}. " * 50, 0.1)
+        serve(clock, prefix, load, eps, 1, f"fast {i}. " * 50, 0.025)
+    assert eps[0].hostport in load.speeds.relative
+    # No request reaches it for a minute: it gets tried again at the pool's speed.
+    clock.t += server_speed.MAX_AGE + 1
+    serve(clock, prefix, load, eps, 1, "fast again. " * 50, 0.025)
+    assert load.speeds.relative == {}
+
+
+def test_server_speed_parameters_need_server_speed() -> None:
+    with pytest.raises(ConfigError, match="only with serverSpeed"):
+        load_text(CONFIG.replace("prefixScorer: queue-scorer", "stepTokens: 10"), "test")
+    cfg = load_text(CONFIG.replace("{prefixScorer: queue-scorer}",
+                                   "{serverSpeed: true, stepTokens: 100, speedTolerance: 0.1}"), "test")
+    load = next(p for p in cfg.scheduler.plugins if isinstance(p, PrefillLoadScorer))
+    assert load.speeds is not None
+    assert (load.speeds.step_tokens, load.speeds.tolerance) == (100, 0.1)
+
+
+async def test_a_slow_server_is_learned_from_streamed_responses_over_grpc(start_epp, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Through the ext_proc stream: each response's first chunk times its request; the server whose
+    first chunks come twice as late is found slow, and error responses time nothing."""
+    epp = await start_epp(refresh_metrics_interval=3600.0)  # one scrape each, which fails: no pod listens
+    await until(lambda: caplog.text.count("cannot read metrics") >= 3, what="the first scrapes")
+    load = next(p for p in epp.picker_config.scheduler.plugins if isinstance(p, PrefillLoadScorer))
+    assert load.speeds is not None  # on in the default profile
+    clock = Clock()
+    load.clock = load.speeds.clock = load.demand.clock = clock
+    servers = sorted(ep.hostport for ep in epp.datastore.all_endpoints())
+
+    async def one(to: str, prompt: str, seconds: float, status: int = 200) -> None:
+        for ep in epp.datastore.all_endpoints():  # a fresh scrape, no queue (a failed scrape keeps it)
+            ep.metrics = EndpointMetrics(scraped_at=epp.datastore.now())
+        stream = Stream(epp)
+        body = orjson.dumps({"model": "m", "prompt": prompt, "max_tokens": 4, "stream": True})
+        stream.send(headers_msg(subset=[to]), body_msg(body))
+        await stream.read()
+        [routed] = await stream.read()
+        assert dest_header(routed.request_body.response) == to
+        clock.t += seconds
+        stream.send(response_headers_msg(status, "text/event-stream"))
+        await stream.read()
+        stream.send(response_body_msg(b'data: {"choices":[]}\n\n'))
+        await stream.read()
+        stream.close()
+        clock.t += 0.2
+
+    for i in range(server_speed.MIN_SAMPLES):  # the first server fails at once: not taken as fast
+        await one(servers[0], f"failing {i} " * 40, 0.001, status=503)
+    assert load.speeds._sums == {}
+    for i in range(server_speed.MIN_SAMPLES):
+        for k, to in enumerate(servers):
+            await one(to, f"prompt {i} for {k} " * 40, 0.1 if k == 0 else 0.05)
+    assert set(load.speeds.relative) == {servers[0]}

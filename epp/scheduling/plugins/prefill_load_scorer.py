@@ -33,7 +33,13 @@ KV pressure never pushes a request off its cache. An endpoint with unknown or st
 `unknownMetricsTokens`: busy, never idle. All in tokens, not min-max normalised per signal, so a
 prefix holder keeps winning while its real backlog is smaller than the prefill it saves.
 
-Cost = (a) + (b) + (c), in tokens. Score = 1 - (cost - cheapest) / max(spread, tokenScale),
+(e) With `serverSpeed: true`, a server that takes longer per token of work than the pool's
+median (epp times its own streamed requests, `epp.scheduling.server_speed`) has its cost, plus
+`stepTokens` for the engine step every first token takes, scaled by how much longer: in time, at
+the pool's median speed, still counted in tokens. A prefix that a server twice as slow holds then
+moves to a fast server once that server's backlog is worth more than the prefill saved.
+
+Cost = (a) + (b) + (c), in tokens (then (e)). Score = 1 - (cost - cheapest) / max(spread, tokenScale),
 so the cheapest endpoint scores 1, and differences smaller than `tokenScale` tokens
 stay small rather than being stretched to the full 0..1 range.
 
@@ -44,6 +50,7 @@ queue length cannot show it, since a request being prefilled is already running.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from epp.datastore import Endpoint
@@ -61,6 +68,7 @@ from epp.scheduling.framework import (
 )
 from epp.scheduling.params import Params
 from epp.scheduling.plugins.prefix_cache_scorer import AVERAGE_CHARS_PER_TOKEN, PrefixCacheScorer
+from epp.scheduling.server_speed import PrefixDemand, ServerSpeeds
 
 _COST_KEY = "prefill-load.cost"
 _MAX_KNOWN_ADAPTERS = 4096
@@ -72,8 +80,12 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
     def __init__(self, name: str = "", *, prefix_scorer: str = "prefix-cache-scorer", token_scale: int = 1024,
                  occupancy_tokens: int = 512, lora_load_tokens: int = 2048, scraped_load: bool = False,
                  running_request_tokens: int = 256, kv_cache_threshold: float = 0.8, kv_cache_tokens: int = 4096,
-                 unknown_metrics_tokens: int = 8192) -> None:
+                 unknown_metrics_tokens: int = 8192, server_speed: bool = False, step_tokens: int = 512,
+                 speed_tolerance: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(name)
+        self.clock = clock
+        self.speeds = ServerSpeeds(step_tokens, speed_tolerance, clock) if server_speed else None
+        self.demand = PrefixDemand(clock)
         self.scraped_load = scraped_load
         self.running_request_tokens = running_request_tokens
         self.kv_cache_threshold = kv_cache_threshold
@@ -86,7 +98,8 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
         self.lora_load_tokens = lora_load_tokens
         self.prefix: PrefixCacheScorer | None = None
         self.backlog: dict[str, int] = {}  # hostport -> uncached prompt tokens not yet prefilled
-        self._pending: dict[int, tuple[str, int]] = {}  # id(request) -> (hostport, tokens)
+        # id(request) -> (hostport, its tokens in the backlog, tokens of work ahead of its first token, sent at)
+        self._pending: dict[int, tuple[str, int, int, float | None]] = {}
         # hostport -> {adapter: when epp last sent it there}; trusted only until the next scrape.
         self._adapters_sent: dict[str, dict[str, float]] = {}
         self._known_adapters: dict[str, None] = {}  # names scrapes have shown as adapters, oldest first
@@ -106,10 +119,18 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
         kv_threshold = params.float("kvCacheThreshold", 0.8, minimum=0.0, maximum=1.0)
         kv_tokens = params.int("kvCacheTokens", 4096, minimum=0)
         unknown = params.int("unknownMetricsTokens", 8192, minimum=0)
+        speed = params.bool("serverSpeed", False)
+        if not speed:
+            for key in ("stepTokens", "speedTolerance"):
+                if params.has(key):
+                    raise ConfigError(f"{name}: {key} is used only with serverSpeed: true")
+        step = params.int("stepTokens", 512, minimum=0)
+        tolerance = params.float("speedTolerance", 0.5, minimum=0.0)
         params.done()
         return cls(name, prefix_scorer=prefix, token_scale=scale, occupancy_tokens=occupancy,
                    lora_load_tokens=lora_load, scraped_load=scraped, running_request_tokens=running,
-                   kv_cache_threshold=kv_threshold, kv_cache_tokens=kv_tokens, unknown_metrics_tokens=unknown)
+                   kv_cache_threshold=kv_threshold, kv_cache_tokens=kv_tokens, unknown_metrics_tokens=unknown,
+                   server_speed=speed, step_tokens=step, speed_tolerance=tolerance)
 
     def bind(self, lookup: Callable[[str], Plugin | None]) -> None:
         plugin = lookup(self.prefix_scorer_name)
@@ -122,11 +143,12 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
 
     def _costs(
         self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]
-    ) -> tuple[list[int], list[int]]:
-        """Each endpoint's cost, and the tokens it would have to prefill for this request itself."""
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Each endpoint's cost, the tokens it would have to prefill for this request itself, and the
+        prefill backlog ahead of them."""
         cached = state.data.get(_COST_KEY)
         if cached is not None and cached[0] is endpoints:
-            return cached[1], cached[2]
+            return cached[1], cached[2], cached[3]
         tokens = len(request.prompt) // AVERAGE_CHARS_PER_TOKEN
         matched: dict[str, int] = {}
         block_tokens = 1
@@ -134,7 +156,8 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
             matched = self.prefix.matched_blocks(state, request, endpoints)
             block_tokens = self.prefix.block_tokens
         uncached = [max(0, tokens - matched.get(ep.hostport, 0) * block_tokens) for ep in endpoints]
-        costs = [b + u for b, u in zip(self._backlogs(state, endpoints), uncached, strict=True)]
+        backlogs = self._backlogs(state, endpoints)
+        costs = [b + u for b, u in zip(backlogs, uncached, strict=True)]
         if self.scraped_load and self.kv_cache_tokens and tokens:
             # KV pressure costs in proportion to what the request would newly store there: the blocks
             # it evicts. A prefix holder stores little and keeps its requests under pressure, where a
@@ -156,8 +179,33 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
             if held is not None:
                 load = self.lora_load_tokens
                 costs = [c if h else c + load for c, h in zip(costs, held, strict=True)]
-        state.data[_COST_KEY] = (endpoints, costs, uncached)
-        return costs, uncached
+        if self.speeds is not None and self.speeds.relative:
+            costs = self.speeds.apply((ep.hostport for ep in endpoints), costs)
+            if matched:
+                costs = self._slow_holders_pay_demand(state, request, endpoints, matched, uncached, costs)
+        state.data[_COST_KEY] = (endpoints, costs, uncached, backlogs)
+        return costs, uncached, backlogs
+
+    def _slow_holders_pay_demand(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint],
+                                 matched: dict[str, int], uncached: list[int], costs: list[int]) -> list[int]:
+        """A server slower than the pool that holds more of the prompt than any server at the pool's
+        speed pays, besides this request, the extra time of the prefix's coming requests there."""
+        assert self.prefix is not None
+        assert self.speeds is not None
+        relative = self.speeds.relative
+        depth = [matched.get(ep.hostport, 0) for ep in endpoints]
+        fast = max((d for ep, d in zip(endpoints, depth, strict=True) if relative.get(ep.hostport, 1.0) <= 1.0),
+                   default=0)
+        hashes = self.prefix.hashes(state, request)
+        step = self.speeds.step_tokens
+        out = costs
+        for i, ep in enumerate(endpoints):
+            r, d = relative.get(ep.hostport, 1.0), depth[i]
+            if r > 1.0 and d > fast:
+                if out is costs:
+                    out = list(costs)
+                out[i] += int(self.demand.requests(hashes[d - 1]) * (r - 1.0) * (step + uncached[i]))
+        return out
 
     def _backlogs(self, state: CycleState, endpoints: list[Endpoint]) -> list[int]:
         """Each endpoint's prefill work ahead of a new request, in tokens: epp's own, and with
@@ -229,13 +277,38 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
             self.tokens_per_request += (prompt - self.tokens_per_request) / 64
         candidates = result.candidates or [ep]
         if ep in candidates:
-            own = self._costs(state, request, candidates)[1][candidates.index(ep)]
+            i = candidates.index(ep)
+            _, uncached, backlogs = self._costs(state, request, candidates)
+            own, ahead = uncached[i], backlogs[i]
         else:
-            own = len(request.prompt) // AVERAGE_CHARS_PER_TOKEN
-        if own <= 0:
+            own, ahead = len(request.prompt) // AVERAGE_CHARS_PER_TOKEN, self.backlog.get(ep.hostport, 0)
+        if self.speeds is not None and self.prefix is not None:
+            self._count_demand(state, request, candidates)
+        timed = self.speeds is not None and request.stream and self._unqueued(state, ep)
+        if own <= 0 and not timed:
             return
-        self._pending[id(request)] = (ep.hostport, own)
-        self.backlog[ep.hostport] = self.backlog.get(ep.hostport, 0) + own
+        self._pending[id(request)] = (ep.hostport, own, ahead + own, self.clock() if timed else None)
+        if own > 0:
+            self.backlog[ep.hostport] = self.backlog.get(ep.hostport, 0) + own
+
+    def _unqueued(self, state: CycleState, ep: Endpoint) -> bool:
+        """Whether a request sent to `ep` now starts at once: nothing of epp's still prefilling there,
+        and a fresh scrape that shows no queue and KV-cache use below `kvCacheThreshold`. Only such
+        requests time the server's speed; behind a queue or a full cache (waiting for blocks,
+        preemptions) the wait depends on the batch's make-up, not on the speed, and under high load
+        it made like servers look up to twice as fast or slow as each other."""
+        if self.backlog.get(ep.hostport, 0):
+            return False
+        m = state.metrics(ep)
+        return m is not None and not m.waiting and m.kv_usage < self.kv_cache_threshold
+
+    def _count_demand(self, state: CycleState, request: InferenceRequest, candidates: list[Endpoint]) -> None:
+        """One more request for the longest prefix of this prompt that some server holds."""
+        assert self.prefix is not None
+        matched = self.prefix.matched_blocks(state, request, candidates)
+        deepest = max(matched.values(), default=0)
+        if deepest:
+            self.demand.add(self.prefix.hashes(state, request)[deepest - 1])
 
     def _note_adapter(self, state: CycleState, request: InferenceRequest, ep: Endpoint) -> None:
         """Remember that `ep` is loading (or holds) the request's adapter, until its next scrape says."""
@@ -251,11 +324,15 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
             for name in [n for n, at in sent.items() if at < m.scraped_at]:
                 del sent[name]
 
-    def _release(self, request: InferenceRequest) -> None:
+    def _release(self, request: InferenceRequest, started: bool) -> None:
         entry = self._pending.pop(id(request), None)
         if entry is None:
             return
-        hostport, tokens = entry
+        hostport, tokens, work, sent_at = entry
+        if started and sent_at is not None and self.speeds is not None and 200 <= request.response_status < 300:
+            self.speeds.observe(hostport, self.clock() - sent_at, work)
+        if not tokens:
+            return
         left = self.backlog.get(hostport, 0) - tokens
         if left > 0:
             self.backlog[hostport] = left
@@ -263,12 +340,14 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
             self.backlog.pop(hostport, None)
 
     def response_started(self, request: InferenceRequest, endpoint: Endpoint) -> None:
-        self._release(request)
+        self._release(request, started=True)
 
     def response_complete(self, request: InferenceRequest, endpoint: Endpoint) -> None:
-        self._release(request)
+        self._release(request, started=False)
 
     def endpoints_changed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         for ep in removed:
             self.backlog.pop(ep.hostport, None)
             self._adapters_sent.pop(ep.hostport, None)
+            if self.speeds is not None:
+                self.speeds.forget(ep.hostport)
