@@ -125,7 +125,7 @@ async def test_replicas_split_the_picks_between_two_epps(tmp_path: Path) -> None
 
 
 async def test_restart_kills_epp_mid_run_and_the_new_one_routes(tmp_path: Path) -> None:
-    a = scenario_args("restart", duration=6, restart_at=0.3)
+    a = scenario_args("restart", duration=8, restart_at=0.25)
     wl = scenarios.build("restart", a)
     r = await routing.run_one(wl, "epp", a, tmp_path)
     m = r.mechanics["restart"]
