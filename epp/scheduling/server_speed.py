@@ -7,11 +7,14 @@ there: a fixed `step_tokens` (a first token takes at least one engine step) plus
 prefill backlog at the pick plus the request's own uncached tokens. Since the backlog is in the
 divisor, a server that is merely busy does not look slow; one that takes longer per token does.
 
-A server's rate is a decayed ratio of sums (recent requests count most) and is trusted after
-`MIN_SAMPLES` requests. Its relative speed is its rate over the pool's median rate. A server
-counts as off the pool's speed once it differs by more than `tolerance`, and until it is back
-within half of it (so one near the edge does not flap); within it, differences are noise (batch
-make-up, network) and a pool of like servers routes exactly as without the estimate. A server
+A server's rate is a decayed ratio of sums (recent requests count most) and counts from
+`MIN_SAMPLES` requests on. Its relative speed is its rate over the pool's median rate. A server
+counts as off the pool's speed once it differs by more than `tolerance` with confidence (its
+timings' spread, `CONFIDENCE` standard errors, is beyond the tolerance too: a server twice as
+slow with steady timings is found within a few requests, one with erratic timings takes more),
+and until it is back within half of it (so one near the edge does not flap); within it,
+differences are noise (batch make-up, network) and a pool of like servers routes exactly as
+without the estimate. A server
 with no sample for `MAX_AGE` seconds falls back to the pool's speed, so one that was slow once is
 tried again. Non-streamed responses are not timed: their first byte comes only with the answer.
 
@@ -33,11 +36,13 @@ from collections.abc import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
-MIN_SAMPLES = 32
+MIN_SAMPLES = 8
+CONFIDENCE = 2.0  # standard errors of a server's mean log time per token, beyond the tolerance
 MAX_AGE = 60.0  # seconds without a sample before a server's estimate is dropped
 DEMAND_SECONDS = 60.0  # a prefix's demand: its requests over about this long (exponential decay)
 _DEMAND_MIN_AGE = 10.0  # seconds: a prefix asked for since less than this is forecast from this long
 _DECAY = 1.0 / 32  # weight of each new sample in the decayed sums
+_EFFECTIVE_MAX = 2.0 / _DECAY - 1.0  # the samples a decayed mean with that weight is worth, at most
 _RECOMPUTE_EVERY = 0.1  # seconds: relative speeds are refreshed at most this often
 _LIMIT = 16.0  # relative speeds are clamped to [1/16, 16]
 _MAX_PREFIXES = 16384  # prefixes whose demand is tracked, the least recently asked for dropped first
@@ -51,7 +56,8 @@ class ServerSpeeds:
         self.tolerance = tolerance
         self.clock = clock
         self.relative: dict[str, float] = {}  # hostport -> relative time per token; absent: 1.0
-        self._sums: dict[str, list[float]] = {}  # hostport -> [seconds, tokens of work, samples, last]
+        # hostport -> [seconds, tokens of work, samples, last, mean and variance of log(seconds per token)]
+        self._sums: dict[str, list[float]] = {}
         self._computed_at = float("-inf")
 
     def observe(self, hostport: str, seconds: float, work_tokens: int) -> None:
@@ -59,12 +65,19 @@ class ServerSpeeds:
         now = self.clock()
         s = self._sums.get(hostport)
         if s is None:
-            s = self._sums[hostport] = [0.0, 0.0, 0.0, now]
+            s = self._sums[hostport] = [0.0, 0.0, 0.0, now, 0.0, 0.0]
         keep = 1.0 - _DECAY
+        tokens = self.step_tokens + work_tokens
         s[0] = s[0] * keep + seconds
-        s[1] = s[1] * keep + self.step_tokens + work_tokens
+        s[1] = s[1] * keep + tokens
         s[2] += 1
         s[3] = now
+        # The spread of single timings (a decayed mean and variance; plain ones for the first samples).
+        x = math.log(max(seconds, 1e-6) / max(tokens, 1))
+        weight = max(_DECAY, 1.0 / s[2])
+        d = x - s[4]
+        s[4] += weight * d
+        s[5] = (1.0 - weight) * (s[5] + weight * d * d)
         if now - self._computed_at >= _RECOMPUTE_EVERY:
             self._recompute(now)
 
@@ -80,8 +93,13 @@ class ServerSpeeds:
         if median > 0:
             for hostport, rate in rates.items():
                 r = rate / median
-                band = leave if hostport in self.relative else enter
-                if r > band or r * band < 1.0:
+                if hostport in self.relative:
+                    off = r > leave or r * leave < 1.0
+                else:  # beyond the tolerance by more than its timings' standard error allows
+                    s = sums[hostport]
+                    error = CONFIDENCE * math.sqrt(s[5] / min(s[2], _EFFECTIVE_MAX))
+                    off = abs(math.log(r)) - error > math.log(enter)
+                if off:
                     relative[hostport] = min(_LIMIT, max(1.0 / _LIMIT, r))
         if relative.keys() != self.relative.keys():  # rare: a server becomes slow or fast, or recovers
             log.info("servers off the pool's median speed (time per token of work): %s",

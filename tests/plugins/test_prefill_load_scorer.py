@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import orjson
@@ -383,6 +384,32 @@ def test_like_servers_with_noisy_timings_route_as_without_the_estimate() -> None
     for p, pl in ((prefix, load), (plain_prefix, plain)):
         send(p, pl, request(DOC), eps, to=2)
     assert load.score(cycle_state(), request(DOC + "?"), eps) == plain.score(cycle_state(), request(DOC + "?"), eps)
+
+
+def test_erratic_timings_take_more_requests_to_judge_and_like_servers_never_look_slow() -> None:
+    """Single timings scatter (batch make-up, network): a server twice as slow is found once its
+    timings show it beyond the tolerance with confidence, later than with steady timings; like
+    servers with the same scatter are never judged off the pool's speed."""
+    rng = random.Random(7)
+
+    def rounds(speeds: tuple[float, ...], n: int, scatter: float) -> list[set[str]]:
+        clock = Clock()
+        prefix, load = timed(clock)
+        eps = [endpoint(i + 1) for i in range(len(speeds))]
+        seen = []
+        for i in range(n):
+            for to, speed in enumerate(speeds):
+                serve(clock, prefix, load, eps, to, f"document {i} for {to}. " * 50,
+                      speed * rng.lognormvariate(0.0, scatter))
+            seen.append({eps.index(e) for e in eps if e.hostport in load.speeds.relative})
+        return seen
+
+    steady = rounds((0.05, 0.025, 0.025, 0.025), 40, 0.0)
+    erratic = rounds((0.05, 0.025, 0.025, 0.025), 40, 0.4)
+    assert steady.index({0}) == server_speed.MIN_SAMPLES - 1  # as soon as it has enough timings
+    assert server_speed.MIN_SAMPLES - 1 < erratic.index({0}) < 30
+    assert all(s == {0} for s in erratic[erratic.index({0}):])
+    assert all(s == set() for s in rounds((0.025, 0.025, 0.025, 0.025), 150, 0.4))
 
 
 def test_only_successful_streamed_responses_are_timed_and_old_estimates_expire() -> None:
