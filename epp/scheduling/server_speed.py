@@ -7,16 +7,18 @@ there: a fixed `step_tokens` (a first token takes at least one engine step) plus
 prefill backlog at the pick plus the request's own uncached tokens. Since the backlog is in the
 divisor, a server that is merely busy does not look slow; one that takes longer per token does.
 
-A server's rate is a decayed ratio of sums (recent requests count most) and counts from
-`MIN_SAMPLES` requests on. Its relative speed is its rate over the pool's median rate. A server
-counts as off the pool's speed once it differs by more than `tolerance` with confidence (its
-timings' spread, `CONFIDENCE` standard errors, is beyond the tolerance too: a server twice as
-slow with steady timings is found within a few requests, one with erratic timings takes more),
-and until it is back within half of it (so one near the edge does not flap); within it,
-differences are noise (batch make-up, network) and a pool of like servers routes exactly as
-without the estimate. A server
-with no sample for `MAX_AGE` seconds falls back to the pool's speed, so one that was slow once is
-tried again. Non-streamed responses are not timed: their first byte comes only with the answer.
+A server's time per token of work is the median over its last `WINDOW` timed requests (from
+`MIN_SAMPLES` on), and its relative speed that over the pool's median. A median, because single
+timings can be far off for reasons that are not the server's speed: a prefix epp took as cached
+and the server had evicted makes one request look ten times slow; a slow server is slow on every
+request. A server counts as off the pool's speed once its median differs by more than
+`tolerance` with confidence (beyond it by `CONFIDENCE` standard errors of the median, from its
+timings' spread: a server twice as slow with steady timings is found within a few requests, one
+with erratic timings takes more), and until it is back within half of it (so one near the edge
+does not flap); within it, differences are noise (batch make-up, network) and a pool of like
+servers routes exactly as without the estimate. A server with no sample for `MAX_AGE` seconds
+falls back to the pool's speed, so one that was slow once is tried again. Non-streamed responses
+are not timed: their first byte comes only with the answer.
 
 `PrefixDemand` is why a slow server's cache is not the end of the story. Request by request, a
 prefix held only by a server twice as slow stays there: one more request there costs less than
@@ -32,17 +34,18 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+from collections import deque
 from collections.abc import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
 MIN_SAMPLES = 8
-CONFIDENCE = 2.0  # standard errors of a server's mean log time per token, beyond the tolerance
+WINDOW = 32  # the timed requests per server whose median is its speed
+CONFIDENCE = 2.0  # standard errors of a server's median, beyond the tolerance, before it counts as off
 MAX_AGE = 60.0  # seconds without a sample before a server's estimate is dropped
 DEMAND_SECONDS = 60.0  # a prefix's demand: its requests over about this long (exponential decay)
 _DEMAND_MIN_AGE = 10.0  # seconds: a prefix asked for since less than this is forecast from this long
-_DECAY = 1.0 / 32  # weight of each new sample in the decayed sums
-_EFFECTIVE_MAX = 2.0 / _DECAY - 1.0  # the samples a decayed mean with that weight is worth, at most
+_MEDIAN_ERROR = 1.4826 * 1.2533  # a median's standard error per sqrt(sample) in units of the MAD, for normal data
 _RECOMPUTE_EVERY = 0.1  # seconds: relative speeds are refreshed at most this often
 _LIMIT = 16.0  # relative speeds are clamped to [1/16, 16]
 _MAX_PREFIXES = 16384  # prefixes whose demand is tracked, the least recently asked for dropped first
@@ -56,51 +59,40 @@ class ServerSpeeds:
         self.tolerance = tolerance
         self.clock = clock
         self.relative: dict[str, float] = {}  # hostport -> relative time per token; absent: 1.0
-        # hostport -> [seconds, tokens of work, samples, last, mean and variance of log(seconds per token)]
-        self._sums: dict[str, list[float]] = {}
+        self._samples: dict[str, deque[float]] = {}  # hostport -> log(seconds per token of work), latest last
+        self._last: dict[str, float] = {}  # hostport -> when it was last timed
         self._computed_at = float("-inf")
 
     def observe(self, hostport: str, seconds: float, work_tokens: int) -> None:
         """A request expected `work_tokens` of prefill there (backlog + its own) and took `seconds`."""
         now = self.clock()
-        s = self._sums.get(hostport)
-        if s is None:
-            s = self._sums[hostport] = [0.0, 0.0, 0.0, now, 0.0, 0.0]
-        keep = 1.0 - _DECAY
-        tokens = self.step_tokens + work_tokens
-        s[0] = s[0] * keep + seconds
-        s[1] = s[1] * keep + tokens
-        s[2] += 1
-        s[3] = now
-        # The spread of single timings (a decayed mean and variance; plain ones for the first samples).
-        x = math.log(max(seconds, 1e-6) / max(tokens, 1))
-        weight = max(_DECAY, 1.0 / s[2])
-        d = x - s[4]
-        s[4] += weight * d
-        s[5] = (1.0 - weight) * (s[5] + weight * d * d)
+        samples = self._samples.get(hostport)
+        if samples is None:
+            samples = self._samples[hostport] = deque(maxlen=WINDOW)
+        samples.append(math.log(max(seconds, 1e-6) / (self.step_tokens + max(work_tokens, 0) or 1)))
+        self._last[hostport] = now
         if now - self._computed_at >= _RECOMPUTE_EVERY:
             self._recompute(now)
 
     def _recompute(self, now: float) -> None:
         self._computed_at = now
-        sums = self._sums
-        for hostport in [h for h, s in sums.items() if now - s[3] > MAX_AGE]:
-            del sums[hostport]
-        rates = {h: s[0] / s[1] for h, s in sums.items() if s[2] >= MIN_SAMPLES and s[1] > 0}
-        median = statistics.median(rates.values()) if len(rates) >= 2 else 0.0
-        enter, leave = 1.0 + self.tolerance, 1.0 + self.tolerance / 2
+        for hostport in [h for h, at in self._last.items() if now - at > MAX_AGE]:
+            self.forget(hostport)
+        medians = {h: statistics.median(xs) for h, xs in self._samples.items() if len(xs) >= MIN_SAMPLES}
         relative: dict[str, float] = {}
-        if median > 0:
-            for hostport, rate in rates.items():
-                r = rate / median
+        if len(medians) >= 2:
+            pool = statistics.median(medians.values())
+            enter, leave = math.log(1.0 + self.tolerance), math.log(1.0 + self.tolerance / 2)
+            for hostport, median in medians.items():
+                d = median - pool
                 if hostport in self.relative:
-                    off = r > leave or r * leave < 1.0
-                else:  # beyond the tolerance by more than its timings' standard error allows
-                    s = sums[hostport]
-                    error = CONFIDENCE * math.sqrt(s[5] / min(s[2], _EFFECTIVE_MAX))
-                    off = abs(math.log(r)) - error > math.log(enter)
+                    off = abs(d) > leave
+                else:  # beyond the tolerance by more than its timings' spread allows
+                    xs = self._samples[hostport]
+                    mad = statistics.median(abs(x - median) for x in xs)
+                    off = abs(d) - CONFIDENCE * _MEDIAN_ERROR * mad / math.sqrt(len(xs)) > enter
                 if off:
-                    relative[hostport] = min(_LIMIT, max(1.0 / _LIMIT, r))
+                    relative[hostport] = min(_LIMIT, max(1.0 / _LIMIT, math.exp(d)))
         if relative.keys() != self.relative.keys():  # rare: a server becomes slow or fast, or recovers
             log.info("servers off the pool's median speed (time per token of work): %s",
                      ", ".join(f"{h} {r:.2f}x" for h, r in sorted(relative.items())) or "none")
@@ -116,7 +108,8 @@ class ServerSpeeds:
         return [int(relative.get(h, 1.0) * (step + c)) - step for h, c in zip(hostports, costs, strict=True)]
 
     def forget(self, hostport: str) -> None:
-        self._sums.pop(hostport, None)
+        self._samples.pop(hostport, None)
+        self._last.pop(hostport, None)
         self.relative.pop(hostport, None)
 
 
