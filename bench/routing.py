@@ -58,6 +58,7 @@ from bench import envoy_phases, workloads
 from bench.gateways import DirectEnvoy, PoolEnvoy, ReplicaEnvoy
 from epp.envoy import EnvoyOptions, EnvoyProcess
 from epp.simulator.engine import CHARS_PER_TOKEN, EngineConfig, prompt_blocks
+from epp.simulator.kv_publisher import KVEventsConfig
 from epp.simulator.server import SimulatedServer, _prompt_text
 from epp.stack import free_ports, grpc_serving, wait_until
 
@@ -390,7 +391,7 @@ class OracleRouter(_EnvoyOnlyRouter):
             if model in c.lora_adapters and model not in e.active_loras:
                 cost += c.lora_load_ms
             if cost < best_cost:
-                best, best_cost = f"127.0.0.1:{s.port}", cost
+                best, best_cost = f"{s.host}:{s.port}", cost
         return best
 
 
@@ -442,10 +443,14 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
         cfg = EngineConfig(max_num_seqs=args.max_num_seqs, num_gpu_blocks=args.num_gpu_blocks,
                            time_scale=time_scale, lora_adapters=list(workload.lora_adapters),
                            max_lora=args.max_lora)
-        s = SimulatedServer(f"sim-{i}", port, cfg)
+        host, events = "127.0.0.1", None
+        if getattr(args, "kv_events", False):  # each pod its own loopback address, its publisher on it at 5557
+            host = f"127.0.0.{KV_EVENTS_FIRST_HOST + i}"
+            events = KVEventsConfig(f"tcp://{host}:{KV_EVENTS_PORT}")
+        s = SimulatedServer(f"sim-{i}", port, cfg, host=host, kv_events=events)
         await s.start()
         servers.append(s)
-    pods = [f"127.0.0.1:{p}" for p in ports]
+    pods = [f"{s.host}:{s.port}" for s in servers]
     replicas = getattr(args, "replicas", 2) if scenario == "replicas" else 1
     # Replicas that share the picks behind one Envoy run GIE's single filter unless told otherwise:
     # the shipped observer stream would reach the replica that did not pick (docs/deployment.md).
@@ -523,6 +528,8 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
         hits = sum(s.engine.prefix_hits for s in servers)
         result.prefix_hit_rate = hits / queries if queries else 0.0
         result.per_pod = {s.name: s.served for s in servers}
+        if getattr(args, "kv_events", False):
+            result.mechanics["kv_event_batches"] = {s.name: s.publisher.sent for s in servers if s.publisher}
         result.server_ttft = [round(t * 1e3, 3) for s in servers for t in s.engine.server_ttfts]
         if router.phase_log:  # Envoy has exited, so the log is flushed
             result.envoy_phases = await asyncio.to_thread(envoy_phases.summarize, Path(router.phase_log))
@@ -532,6 +539,10 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
 
 
 BYPASS = "bypass"  # the tag of a request that goes straight to a pod, past the router
+# --kv-events: pod i listens on 127.0.0.(10+i) (all of 127/8 is loopback on Linux) and publishes its
+# KV-cache events there at 5557, as a vLLM pod does at its pod IP: per-pod subscriptions need one address each.
+KV_EVENTS_FIRST_HOST = 10
+KV_EVENTS_PORT = 5557
 
 
 def workload_span(workload: workloads.Workload) -> float:
@@ -822,6 +833,9 @@ def main() -> None:
                    help="run every workload this many times over the routers in turn; report medians")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--stem", default="", help="output file name stem (default routing-DATE)")
+    p.add_argument("--kv-events", action="store_true",
+                   help="the simulated pods publish KV-cache events (vLLM's format), each on its own loopback "
+                   f"address at port {KV_EVENTS_PORT}; pair with --epp-config bench/configs/precise-prefix.yaml")
     p.add_argument("--envoy-phases", action="store_true",
                    help="give each Envoy an access log and report where the time went inside it (the pick hop)")
     from bench import scenarios

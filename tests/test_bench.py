@@ -52,6 +52,20 @@ async def test_epp_beats_round_robin_on_cache_hits(tmp_path: Path) -> None:
     assert "Inside Envoy" in report
 
 
+async def test_kv_events_pods_publish_on_their_own_addresses_and_epp_routes_on_them(tmp_path: Path) -> None:
+    """--kv-events: each pod on its own loopback address publishes its cache as vLLM does; epp with the
+    precise-prefix config subscribes to every pod and routes every request, prefix-aware."""
+    wl = workloads.shared_prefix(rate=15, duration=4, seed=3, prompts=6, prompt_tokens=1200, max_tokens=4)
+    a = args(kv_events=True, epp_config="bench/configs/precise-prefix.yaml")
+    precise = await routing.run_one(wl, "epp-config", a, tmp_path)
+    plain = await routing.run_one(wl, "round-robin", a, tmp_path)
+    for r in (precise, plain):
+        assert [s.status for s in r.samples] == [200] * len(wl.requests)
+    assert all(n > 0 for n in precise.mechanics["kv_event_batches"].values())
+    assert len(precise.mechanics["kv_event_batches"]) == 3
+    assert precise.prefix_hit_rate > plain.prefix_hit_rate + 0.2
+
+
 def test_repeated_rounds_rotate_which_router_runs_first() -> None:
     routers = ["epp", "sglang-router", "oracle"]
     orders = [routing.round_order(routers, k) for k in range(4)]
