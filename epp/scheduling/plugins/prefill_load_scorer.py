@@ -36,8 +36,9 @@ prefix holder keeps winning while its real backlog is smaller than the prefill i
 (e) With `serverSpeed: true`, a server that takes longer per token of work than the pool's
 median (epp times its own streamed requests, `epp.scheduling.server_speed`) has its cost, plus
 `stepTokens` for the engine step every first token takes, scaled by how much longer: in time, at
-the pool's median speed, still counted in tokens. A prefix that a server twice as slow holds then
-moves to a fast server once that server's backlog is worth more than the prefill saved.
+the pool's median speed, still counted in tokens. A slower server that alone holds the prompt's
+prefix also pays its extra time for the requests that prefix is forecast to get
+(`PrefixDemand`), so a prefix in demand moves to a fast server once and stays there.
 
 Cost = (a) + (b) + (c), in tokens (then (e)). Score = 1 - (cost - cheapest) / max(spread, tokenScale),
 so the cheapest endpoint scores 1, and differences smaller than `tokenScale` tokens
