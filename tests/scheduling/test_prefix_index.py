@@ -1,5 +1,7 @@
 """The prefix index (epp.scheduling.prefix_index): block hashes and what each server was sent."""
 
+import xxhash
+
 from epp.scheduling.prefix_index import PrefixIndex, block_hashes
 
 
@@ -9,6 +11,24 @@ def test_prefix_hash_chain_includes_model() -> None:
     assert len(h) == 4
     assert len(set(h)) == 4
     assert len(block_hashes("a", "x" * 10_000, 64, 8)) == 8  # maxPrefixBlocksToMatch caps the work
+
+
+def test_block_hashes_keep_their_values_so_saved_snapshots_still_match() -> None:
+    # A snapshot (--prefix-index-snapshot) written by an earlier epp holds these values: each block's
+    # xxh64 of its UTF-8 bytes seeded with the previous hash, the first seeded with the model's, and
+    # the trailing partial block hashed too.
+    prompt = "héllo wörld, " * 11  # 165 bytes: two full blocks of 64, then 37
+    data = prompt.encode()
+    seed = xxhash.xxh64_intdigest(b"m")
+    want = []
+    for start in range(0, len(data), 64):
+        seed = xxhash.xxh64_intdigest(data[start:start + 64], seed=seed)
+        want.append(seed)
+    assert len(want) == 3
+    assert block_hashes("m", prompt, 64, 256) == want
+    assert block_hashes("m", prompt, 64, 2) == want[:2]
+    assert block_hashes("m", "a" * 64, 64, 256) == block_hashes("m", "a" * 100, 64, 1)  # one full block
+    assert block_hashes("m", "", 64, 256) == []
 
 
 def test_prefix_index_is_bounded_per_server() -> None:
