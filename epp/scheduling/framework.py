@@ -25,16 +25,27 @@ from epp.scheduling.params import Params
 class CycleState:
     """Per-request scratch space: the scheduling clock and data plugins pass along."""
 
-    __slots__ = ("data", "now", "staleness")
+    __slots__ = ("_fresh", "_fresh_of", "data", "now", "staleness")
 
     def __init__(self, now: float, staleness: float) -> None:
         self.now = now
         self.staleness = staleness
         self.data: dict[Any, Any] = {}
+        self._fresh_of: list[Endpoint] | None = None
+        self._fresh: list[EndpointMetrics | None] = []
 
     def metrics(self, ep: Endpoint) -> EndpointMetrics | None:
         """Fresh metrics, or None when the endpoint's state is unknown (never scraped or stale)."""
         return ep.fresh_metrics(self.now, self.staleness)
+
+    def metrics_of(self, endpoints: list[Endpoint]) -> list[EndpointMetrics | None]:
+        """`metrics` of each endpoint, in order: worked out once per candidate list, since every
+        scorer of a cycle asks about the same list (a list a filter returned is another one)."""
+        if self._fresh_of is not endpoints:
+            now, staleness = self.now, self.staleness
+            self._fresh = [ep.fresh_metrics(now, staleness) for ep in endpoints]
+            self._fresh_of = endpoints
+        return self._fresh
 
 
 Lookup = Callable[[str], "Plugin | None"]

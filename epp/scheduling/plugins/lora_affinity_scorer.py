@@ -17,8 +17,7 @@ class LoraAffinityScorer(Scorer):
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
         model = request.target_model
         out = []
-        for ep in endpoints:
-            m = state.metrics(ep)
+        for m in state.metrics_of(endpoints):
             if m is None:
                 out.append(0.0)
             elif model in m.active_adapters:

@@ -156,7 +156,11 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
         if self.prefix is not None and tokens:
             matched = self.prefix.matched_blocks(state, request, endpoints)
             block_tokens = self.prefix.block_tokens
-        uncached = [max(0, tokens - matched.get(ep.hostport, 0) * block_tokens) for ep in endpoints]
+        if matched:
+            depth = matched.get
+            uncached = [max(0, tokens - depth(ep.hostport, 0) * block_tokens) for ep in endpoints]
+        else:
+            uncached = [tokens] * len(endpoints)
         backlogs = self._backlogs(state, endpoints)
         costs = [b + u for b, u in zip(backlogs, uncached, strict=True)]
         if self.scraped_load and self.kv_cache_tokens and tokens:
@@ -217,18 +221,21 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
             return own
         per_request = self.tokens_per_request
         out = []
-        for ep, mine in zip(endpoints, own, strict=True):
-            m = state.metrics(ep)
+        unknown, running_tokens = self.unknown_metrics_tokens, self.running_request_tokens
+        for m, mine in zip(state.metrics_of(endpoints), own, strict=True):
             if m is None:
-                out.append(mine + self.unknown_metrics_tokens)
+                out.append(mine + unknown)
                 continue
             # The scrape's requests beyond epp's own in flight there at the time are other clients';
             # taken as waiting first, since a queue is what delays a new request most. Against the
             # count at scrape time, not now: epp's requests that ended since are not others' queue.
-            unseen = max(0, m.waiting + m.running - m.own_inflight)
-            unseen_waiting = min(m.waiting, unseen)
-            out.append(mine + int(unseen_waiting * per_request)
-                       + (unseen - unseen_waiting) * self.running_request_tokens)
+            waiting = m.waiting
+            unseen = waiting + m.running - m.own_inflight
+            if unseen <= 0:
+                out.append(mine)
+                continue
+            unseen_waiting = waiting if waiting < unseen else unseen
+            out.append(mine + int(unseen_waiting * per_request) + (unseen - unseen_waiting) * running_tokens)
         return out
 
     def _kv_pressure(self, state: CycleState, endpoints: list[Endpoint]) -> list[int]:
@@ -236,8 +243,7 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
         threshold, `kvCacheTokens` when full (unknown metrics already cost as busy)."""
         threshold, full = self.kv_cache_threshold, self.kv_cache_tokens
         out = []
-        for ep in endpoints:
-            m = state.metrics(ep)
+        for m in state.metrics_of(endpoints):
             over = 0.0 if m is None else m.kv_usage - threshold
             out.append(int(full * min(1.0, over / max(1e-9, 1.0 - threshold))) if over > 0 else 0)
         return out
@@ -246,7 +252,7 @@ class PrefillLoadScorer(Scorer, PreRequest, ResponseStarted, ResponseComplete, E
         """Per endpoint, whether it holds `model` as a LoRA adapter; None when `model` is not a
         known adapter (a base model, or an adapter no scrape has shown yet): then no endpoint
         pays a load, as far as epp can tell."""
-        scraped = [state.metrics(ep) for ep in endpoints]
+        scraped = state.metrics_of(endpoints)
         held = [m is not None and (model in m.active_adapters or model in m.waiting_adapters) for m in scraped]
         known = self._known_adapters
         if any(held):
