@@ -784,7 +784,8 @@ def write_report(args: argparse.Namespace, results: list[RunResult], skipped: li
     extra: list[str] = []
     if scenario_names:
         ladder = scenarios.stages(args)
-        extra = ["## Targets (issue #16)", "", "```", *scenarios.target_lines(rows, results, ladder), "```", "",
+        targets = scenarios.target_lines(rows, results, ladder)  # none without epp and a peer
+        extra = [*(["## Targets (issue #16)", "", "```", *targets, "```", ""] if targets else []),
                  "## What each scenario did", ""]
         for n in dict.fromkeys(r["workload"] for r in rows):
             extra += [f"### {n}", "", *scenarios.mechanics_table(rows, n),
@@ -799,7 +800,9 @@ def write_report(args: argparse.Namespace, results: list[RunResult], skipped: li
               "same requests on a fresh, cold pool"
               + (f", {args.repeat} times, routers in turn; numbers are medians over the rounds." if args.repeat > 1
                  else "."), "", *([scenarios.options_line(args, scenario_names), ""] if scenario_names else []),
-              markdown(rows, wl), *extra, "## Ratios (p90 TTFT, other / epp)", "", "```", *ratios(rows), "```", ""]
+              markdown(rows, wl), *extra]
+    if ratio_lines := ratios(rows):
+        report += ["## Ratios (p90 TTFT, other / epp)", "", "```", *ratio_lines, "```", ""]
     if skipped:
         report += ["## Not run", "", *[f"- {s}" for s in skipped], ""]
     (outdir / f"{stem}.md").write_text("\n".join(report))
