@@ -13,7 +13,10 @@ Routers (each gets a fresh pool of simulators, cold caches, and the identical re
 - epp-config:   Envoy -> epp with the EndpointPickerConfig file given by --epp-config (A/B a profile)
 - round-robin:  Envoy's ROUND_ROBIN over the pods (what a plain Kubernetes Service gives)
 - random:       Envoy's RANDOM over the pods
-- sglang-router / vllm-router: the peer routers from PyPI with their cache_aware policy, when installed
+- sglang-router / vllm-router: the peer routers from PyPI with their cache_aware policy, when installed;
+                `+envoy` behind the same Envoy as epp; `-ha` as `--replicas` processes behind one Envoy
+                (round robin), each with its own cache tree: the peer run highly available, as epp's
+                replicas are
 - oracle:       the benchmark itself picks, reading each simulator's true state in-process (its exact
                 prefix cache, queue and adapters, no scrape delay), and Envoy routes to that pod: the
                 upper bound of what routing can do here
@@ -63,9 +66,16 @@ from epp.simulator.server import SimulatedServer, _prompt_text
 from epp.stack import free_ports, grpc_serving, wait_until
 
 ROUTERS = ("epp", "epp-http-pick", "round-robin", "random", "least-queue", "gie-default", "sglang-router",
-           "sglang-router+envoy", "vllm-router", "oracle", "epp-config")
+           "sglang-router+envoy", "vllm-router", "oracle", "epp-config", "sglang-router-ha", "vllm-router-ha")
 GIE_WEIGHTS = Path(__file__).parent / "configs" / "gie-weights.yaml"  # the router gie-default
 BEHIND_ENVOY = "+envoy"  # a peer router placed behind the same Envoy that fronts epp: the same hops as epp
+REPLICATED = "-ha"  # a peer router as --replicas processes behind one Envoy, as a highly available deployment
+
+
+def peer_name(router: str) -> str:
+    """The peer router's own name without the layout's suffix ("" when `router` is no peer)."""
+    name = router.removesuffix(BEHIND_ENVOY).removesuffix(REPLICATED)
+    return name if name in PeerRouter.COMMANDS else ""
 LEAST_QUEUE_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -284,11 +294,13 @@ class PeerRouter(Router):
         "vllm-router": ["vllm-router"],
     }
 
-    def __init__(self, name: str, pods: list[str], logdir: Path, behind_envoy: bool = False) -> None:
+    def __init__(self, name: str, pods: list[str], logdir: Path, behind_envoy: bool = False,
+                 replicas: int = 1) -> None:
         self.name, self.pods, self.logdir = name, pods, logdir
-        self.behind_envoy = behind_envoy
-        self.cmd: list[str] = []
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.behind_envoy = behind_envoy or replicas > 1  # replicas need a balancer in front
+        self.replicas = replicas
+        self.cmds: list[list[str]] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
         self.envoy: EnvoyProcess | None = None
 
     @staticmethod
@@ -305,35 +317,45 @@ class PeerRouter(Router):
         return cls._vllm_router() is not None
 
     def start(self) -> None:
-        port = free_ports(1)[0]
-        cmd = list(self.COMMANDS[self.name])
-        if cmd[0] == "vllm-router":
-            cmd[0] = self._vllm_router() or "vllm-router"
-        cmd += ["--host", "127.0.0.1", "--port", str(port), "--policy", "cache_aware",
-                "--worker-urls", *[f"http://{p}" for p in self.pods],
-                "--log-level", "warn" if self.name == "sglang-router" else "warning"]
-        self.cmd = cmd
-        self._spawn()
-        self.url = f"http://127.0.0.1:{port}"
-        self._wait_ready()
+        ports = free_ports(2 * self.replicas)  # each replica's proxy port, then its metrics port
+        ports, metrics_ports = ports[:self.replicas], ports[self.replicas:]
+        for port, metrics_port in zip(ports, metrics_ports, strict=True):
+            cmd = list(self.COMMANDS[self.name])
+            if cmd[0] == "vllm-router":
+                cmd[0] = self._vllm_router() or "vllm-router"
+            cmd += ["--host", "127.0.0.1", "--port", str(port), "--policy", "cache_aware",
+                    "--worker-urls", *[f"http://{p}" for p in self.pods],
+                    "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port),
+                    "--log-level", "warn" if self.name == "sglang-router" else "warning"]
+            self.cmds.append(cmd)
+            self.procs.append(self._spawn(len(self.procs)))
+        for i in range(self.replicas):
+            self._wait_ready(i)
+        self.url = f"http://127.0.0.1:{ports[0]}"
         if self.behind_envoy:
-            # As a user behind a gateway runs it: the gateway's Envoy forwards everything to the router.
+            # As a user behind a gateway runs it: the gateway's Envoy forwards everything to the router
+            # (to its replicas in turn).
             listen, admin = free_ports(2)
-            self.envoy = PoolEnvoy(self.envoy_options(listen, 0, admin), [("127.0.0.1", port)], "ROUND_ROBIN")
+            self.envoy = PoolEnvoy(self.envoy_options(listen, 0, admin), [("127.0.0.1", p) for p in ports],
+                                   "ROUND_ROBIN")
             self.envoy.start()
             self.envoy.wait_ready()
             self.url = self.envoy.url
 
-    def _spawn(self) -> None:
-        log = open(self.logdir / f"{self.name}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+    def _log(self, i: int) -> Path:
+        return self.logdir / (f"{self.name}.log" if i == 0 else f"{self.name}-{i}.log")
 
-    def _wait_ready(self) -> None:
-        url = f"http://127.0.0.1:{self.cmd[self.cmd.index('--port') + 1]}"
+    def _spawn(self, i: int) -> subprocess.Popen[bytes]:
+        log = open(self._log(i), "ab")  # noqa: SIM115 - lives as long as the process
+        return subprocess.Popen(self.cmds[i], stdout=log, stderr=subprocess.STDOUT)
+
+    def _wait_ready(self, i: int) -> None:
+        cmd, proc = self.cmds[i], self.procs[i]
+        url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
 
         def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {(self.logdir / f'{self.name}.log').read_text()[-3000:]}")
+            if proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self._log(i).read_text()[-3000:]}")
             try:
                 return httpx.get(f"{url}/v1/models", timeout=1).status_code == 200
             except httpx.HTTPError:
@@ -342,24 +364,29 @@ class PeerRouter(Router):
         wait_until(ready, 60, self.name)
 
     def restart(self) -> dict[str, Any]:
-        """SIGKILL the router and start it again on the same port."""
+        """SIGKILL every replica of the router and start each again on the same port."""
         t0 = time.perf_counter()
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-        self._spawn()
-        self._wait_ready()
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        self.procs = [self._spawn(i) for i in range(self.replicas)]
+        for i in range(self.replicas):
+            self._wait_ready(i)
         return {"down_s": round(time.perf_counter() - t0, 3)}
+
+    def counters(self) -> dict[str, Any]:
+        return {"peer_replicas": self.replicas} if self.replicas > 1 else {}
 
     def stop(self) -> None:
         if self.envoy is not None:
             self.envoy.stop()
-        if self.proc is not None:
-            self.proc.terminate()
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
             try:
-                self.proc.wait(timeout=15)
+                proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                proc.kill()
 
 
 class OracleRouter(_EnvoyOnlyRouter):
@@ -473,10 +500,10 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
         router = EnvoyPoolRouter(pods, "ROUND_ROBIN")
     elif router_name == "random":
         router = EnvoyPoolRouter(pods, "RANDOM")
-    elif router_name in PeerRouter.COMMANDS:
-        router = PeerRouter(router_name, pods, logdir)
-    elif router_name.removesuffix(BEHIND_ENVOY) in PeerRouter.COMMANDS:
-        router = PeerRouter(router_name.removesuffix(BEHIND_ENVOY), pods, logdir, behind_envoy=True)
+    elif peer := peer_name(router_name):
+        # -ha: as many replicas as epp's in this scenario (its --replicas), else the usual two.
+        ha = (replicas if replicas > 1 else getattr(args, "replicas", 2)) if router_name.endswith(REPLICATED) else 1
+        router = PeerRouter(peer, pods, logdir, behind_envoy=router_name.endswith(BEHIND_ENVOY), replicas=ha)
     elif router_name == "oracle":
         router = OracleRouter(servers)
     else:
@@ -740,12 +767,12 @@ async def run_all(args: argparse.Namespace, logdir: Path
     names = scenario_names or [w for w in args.workloads.split(",") if w]
     if not args.routers:
         args.routers = scenarios.DEFAULT_ROUTERS if scenario_names else ",".join(
-            r for r in ROUTERS if r not in ("epp-config", "gie-default"))
+            r for r in ROUTERS if r not in ("epp-config", "gie-default") and not r.endswith(REPLICATED))
     routers = [r for r in args.routers.split(",") if r]
     skipped = []
     for r in list(routers):
-        peer = r.removesuffix(BEHIND_ENVOY)
-        if peer in PeerRouter.COMMANDS and not PeerRouter.available(peer):
+        peer = peer_name(r)
+        if peer and not PeerRouter.available(peer):
             routers.remove(r)
             skipped.append(f"{r}: not installed (pip install {peer})")
     wl = {n: scenarios.build(n, args) if scenario_names else workloads.build(n, args.rate, args.duration, args.seed)

@@ -163,9 +163,15 @@ def mechanics_table(rows: list[dict[str, Any]], name: str) -> list[str]:
     if name == "replicas":
         out = ["| router | requests each epp replica handled | of those, responses it saw begin |", "|---|---|---|"]
         for r in rows:
-            reps, seen = r["mechanics"].get("replica_requests"), r["mechanics"].get("replica_responses_seen")
-            out.append(f"| {r['router']} | {', '.join(map(str, reps)) if reps else 'not epp: one router'} | "
-                       f"{', '.join(map(str, seen)) if seen else ''} |")
+            m = r["mechanics"]
+            reps, seen = m.get("replica_requests"), m.get("replica_responses_seen")
+            if reps:
+                handled = ", ".join(map(str, reps))
+            elif m.get("peer_replicas"):
+                handled = f"not epp: {m['peer_replicas']} replicas behind Envoy, in turn, each its own cache tree"
+            else:
+                handled = "not epp: one router"
+            out.append(f"| {r['router']} | {handled} | {', '.join(map(str, seen)) if seen else ''} |")
         return [*out, ""]
     if name == "restart":
         out = ["| router | killed at | back after | failed requests | handled after the restart |",

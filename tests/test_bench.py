@@ -149,6 +149,18 @@ async def test_replicas_split_the_picks_between_two_epps(tmp_path: Path) -> None
     assert "| epp | " in "\n".join(scenarios.mechanics_table([routing.summary(r)], "replicas"))
 
 
+@pytest.mark.skipif(not routing.PeerRouter.available("sglang-router"), reason="sglang-router is not installed")
+async def test_a_replicated_peer_runs_as_replicas_behind_one_envoy(tmp_path: Path) -> None:
+    a = scenario_args("replicas")
+    wl = scenarios.build("replicas", a)
+    r = await routing.run_one(wl, "sglang-router-ha", a, tmp_path)
+    assert [s.status for s in r.samples] == [200] * len(wl.requests)
+    assert r.mechanics["peer_replicas"] == 2
+    assert (tmp_path / "sglang-router.log").exists() and (tmp_path / "sglang-router-1.log").exists()
+    table = "\n".join(scenarios.mechanics_table([routing.summary(r)], "replicas"))
+    assert "| sglang-router-ha | not epp: 2 replicas behind Envoy" in table
+
+
 async def test_restart_kills_epp_mid_run_and_the_new_one_routes(tmp_path: Path) -> None:
     a = scenario_args("restart", duration=8, restart_at=0.25)
     wl = scenarios.build("restart", a)
