@@ -156,7 +156,8 @@ async def test_a_replicated_peer_runs_as_replicas_behind_one_envoy(tmp_path: Pat
     r = await routing.run_one(wl, "sglang-router-ha", a, tmp_path)
     assert [s.status for s in r.samples] == [200] * len(wl.requests)
     assert r.mechanics["peer_replicas"] == 2
-    assert (tmp_path / "sglang-router.log").exists() and (tmp_path / "sglang-router-1.log").exists()
+    assert (tmp_path / "sglang-router.log").exists()
+    assert (tmp_path / "sglang-router-1.log").exists()
     table = "\n".join(scenarios.mechanics_table([routing.summary(r)], "replicas"))
     assert "| sglang-router-ha | not epp: 2 replicas behind Envoy" in table
 
