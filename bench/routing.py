@@ -76,6 +76,8 @@ def peer_name(router: str) -> str:
     """The peer router's own name without the layout's suffix ("" when `router` is no peer)."""
     name = router.removesuffix(BEHIND_ENVOY).removesuffix(REPLICATED)
     return name if name in PeerRouter.COMMANDS else ""
+
+
 LEAST_QUEUE_CONFIG = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -287,7 +289,8 @@ class EnvoyPoolRouter(_EnvoyOnlyRouter):
 
 
 class PeerRouter(Router):
-    """sglang-router or vllm-router, from PyPI: as their own proxy, or behind the same Envoy as epp (`+envoy`)."""
+    """sglang-router or vllm-router, from PyPI: as their own proxy, behind the same Envoy as epp (`+envoy`),
+    or as several processes behind one Envoy, each with its own cache tree (`-ha`)."""
 
     COMMANDS = {
         "sglang-router": [sys.executable, "-m", "sglang_router.launch_router"],
@@ -501,8 +504,8 @@ async def run_one(workload: workloads.Workload, router_name: str, args: argparse
     elif router_name == "random":
         router = EnvoyPoolRouter(pods, "RANDOM")
     elif peer := peer_name(router_name):
-        # -ha: as many replicas as epp's in this scenario (its --replicas), else the usual two.
-        ha = (replicas if replicas > 1 else getattr(args, "replicas", 2)) if router_name.endswith(REPLICATED) else 1
+        # -ha: --replicas processes (as epp's in the replicas scenario), and never fewer than two.
+        ha = max(2, getattr(args, "replicas", 2)) if router_name.endswith(REPLICATED) else 1
         router = PeerRouter(peer, pods, logdir, behind_envoy=router_name.endswith(BEHIND_ENVOY), replicas=ha)
     elif router_name == "oracle":
         router = OracleRouter(servers)

@@ -93,11 +93,11 @@ def test_repeated_rounds_report_the_median_and_every_round() -> None:
     assert "shared-prefix: p90 TTFT sglang-router / epp = 1.50x" in "\n".join(routing.ratios(list(rows.values())))
 
 
-def test_targets_compare_epp_with_the_peers_not_with_epp_under_another_profile() -> None:
+def test_targets_compare_epp_with_other_routers_not_with_itself_or_the_oracle() -> None:
     def row(router: str, p90: float) -> dict:
         return {"workload": "replicas", "router": router, "ttft_p90": p90}
 
-    rows = [row("epp", 30.0), row("epp-config", 25.0), row("sglang-router", 27.0)]
+    rows = [row("epp", 30.0), row("epp-config", 25.0), row("oracle", 20.0), row("sglang-router", 27.0)]
     lines = scenarios.target_lines(rows, [], ())
     assert lines == ["replicas: p90 TTFT best other (sglang-router) / epp = 0.90x"
                      "  (target >= 1.0 within 5% noise: NOT met)"]
