@@ -40,7 +40,8 @@ class CycleState:
 
     def metrics_of(self, endpoints: list[Endpoint]) -> list[EndpointMetrics | None]:
         """`metrics` of each endpoint, in order: worked out once per candidate list, since every
-        scorer of a cycle asks about the same list (a list a filter returned is another one)."""
+        scorer of a cycle asks about the same list (a list a filter returned is another one). One
+        snapshot for the whole cycle, shared: read it, never change it."""
         if self._fresh_of is not endpoints:
             now, staleness = self.now, self.staleness
             self._fresh = [ep.fresh_metrics(now, staleness) for ep in endpoints]
