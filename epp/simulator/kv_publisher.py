@@ -12,6 +12,7 @@ mark), which it sees as a gap in the sequence.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -84,10 +85,14 @@ class KVEventPublisher:
         self.socket = self.ctx.socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, cfg.hwm)
         self.socket.setsockopt(zmq.LINGER, 0)
-        if cfg.bind:
-            self.socket.bind(cfg.endpoint)
-        else:
-            self.socket.connect(cfg.endpoint)
+        try:
+            if cfg.bind:
+                self.socket.bind(cfg.endpoint)
+            else:
+                self.socket.connect(cfg.endpoint)
+        except zmq.ZMQError:
+            self.socket.close(linger=0)
+            raise
         self.endpoint = cfg.endpoint
         self.topic = topic.encode()
         self.seq = 0
@@ -105,3 +110,17 @@ class KVEventPublisher:
 
     def close(self) -> None:
         self.socket.close(linger=0)
+
+    @classmethod
+    async def open(cls, cfg: KVEventsConfig, topic: str, wait: float = 5.0) -> KVEventPublisher:
+        """A publisher on `cfg`'s endpoint. ZMQ releases a closed socket's address in its I/O thread,
+        after close() returns, so a server started again at once on the same address (a restart, the
+        next benchmark run) may find it bound a moment longer: the bind is retried until `wait`."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return cls(cfg, topic)
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EADDRINUSE or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(0.01)

@@ -91,7 +91,7 @@ class SimulatedServer:
     async def start(self) -> None:
         if self.kv_events is not None:
             topic = self.kv_events.topic or kv_topic(f"{self.host}:{self.port}", self.cfg.models[0])
-            self.publisher = KVEventPublisher(self.kv_events, topic)
+            self.publisher = await KVEventPublisher.open(self.kv_events, topic)
             self.engine.events = self.publisher.publish
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
