@@ -16,8 +16,4 @@ class KVCacheUtilizationScorer(Scorer):
     ignores_parameters = True  # upstream's factory takes none
 
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
-        out = []
-        for ep in endpoints:
-            m = state.metrics(ep)
-            out.append(0.0 if m is None else min(1.0, max(0.0, 1.0 - m.kv_usage)))
-        return out
+        return [0.0 if m is None else min(1.0, max(0.0, 1.0 - m.kv_usage)) for m in state.metrics_of(endpoints)]

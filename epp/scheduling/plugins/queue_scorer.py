@@ -16,10 +16,7 @@ class QueueScorer(Scorer):
     ignores_parameters = True  # upstream's factory takes none
 
     def score(self, state: CycleState, request: InferenceRequest, endpoints: list[Endpoint]) -> list[float]:
-        queues = []
-        for ep in endpoints:
-            m = state.metrics(ep)
-            queues.append(None if m is None else m.waiting)
+        queues = [None if m is None else m.waiting for m in state.metrics_of(endpoints)]
         known = [q for q in queues if q is not None]
         if not known:
             return [0.0] * len(endpoints)
