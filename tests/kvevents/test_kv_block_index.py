@@ -1,5 +1,10 @@
 """The block index: what each pod reports holding, keyed so a request's tokens find it; bounded."""
 
+import random
+import struct
+
+import xxhash
+
 from epp.kvevents.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 from epp.kvevents.hashing import block_keys, root_key
 from epp.kvevents.index import BlockIndex
@@ -79,3 +84,21 @@ def test_memory_is_bounded_per_pod_and_overall() -> None:
     # The newest blocks stay; the oldest went first.
     assert idx.match(keys(list(range(49000, 49064))), ["a", "b"]) == {"a": 4, "b": 4}
     assert idx.match(keys(list(range(0, 64))), ["a", "b"]) == {}
+
+
+def test_block_keys_chain_xxh64_over_little_endian_uint32_blocks() -> None:
+    """The key format, on the packing's fast path and its fallback (ids beyond uint32 wrap)."""
+    def reference(parent: int, tokens: list[int], size: int) -> list[int]:
+        out = []
+        for i in range(len(tokens) // size):
+            block = struct.pack(f"<{size}I", *(t & 0xFFFFFFFF for t in tokens[i * size:(i + 1) * size]))
+            parent = xxhash.xxh64_intdigest(block, seed=parent)
+            out.append(parent)
+        return out
+
+    rng = random.Random(7)
+    ordinary = [rng.randrange(1 << 17) for _ in range(16 * 40 + 5)]
+    wrapped = [*ordinary[:20], -1, 1 << 32, (1 << 40) + 3, *ordinary[20:40]]
+    for tokens in (ordinary, wrapped, [], ordinary[:15]):
+        assert block_keys(root_key(MODEL), tokens, 16) == reference(root_key(MODEL), tokens, 16)
+    assert block_keys(1, ordinary, 16, max_blocks=3) == reference(1, ordinary, 16)[:3]
