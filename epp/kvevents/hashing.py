@@ -33,7 +33,7 @@ _SWAP = sys.byteorder != "little"
 
 
 def _pack(tokens: Sequence[int]) -> bytes:
-    """Token ids as little-endian uint32s; ids outside that range wrap, as the engines pack them."""
+    """Token ids as little-endian uint32s (ids outside that range wrap)."""
     try:
         packed = array.array(_U32, tokens)  # C speed: about 6x struct.pack over a generator
     except (OverflowError, TypeError):
