@@ -29,18 +29,22 @@ def root_key(model: str, hash_seed: str = "", salt: str = "") -> int:
 
 
 _U32 = next(code for code in "IL" if array.array(code).itemsize == 4)
-_SWAP = sys.byteorder != "little"
+
+
+def _little_endian_u32(values: Sequence[int] | bytes) -> array.array[int]:
+    """uint32s from ints, or from little-endian bytes; byteswapped either way on a big-endian host."""
+    out = array.array(_U32, values)
+    if sys.byteorder != "little":
+        out.byteswap()
+    return out
 
 
 def _pack(tokens: Sequence[int]) -> bytes:
     """Token ids as little-endian uint32s (ids outside that range wrap)."""
     try:
-        packed = array.array(_U32, tokens)  # C speed: about 6x struct.pack over a generator
+        return _little_endian_u32(tokens).tobytes()  # C speed: about 6x struct.pack over a generator
     except (OverflowError, TypeError):
         return struct.pack(f"<{len(tokens)}I", *(t & 0xFFFFFFFF for t in tokens))
-    if _SWAP:
-        packed.byteswap()
-    return packed.tobytes()
 
 
 def block_keys(parent: int, tokens: Sequence[int], block_size: int, max_blocks: int | None = None) -> list[int]:
@@ -64,7 +68,4 @@ def simulator_token_ids(text: str) -> list[int]:
     1-3 bytes make no token. A block of token ids then packs back to the block's bytes, which is
     what the simulator's engine hashes."""
     data = text.encode("utf-8", "surrogatepass")
-    ids = array.array(_U32, data[: len(data) // 4 * 4])
-    if _SWAP:
-        ids.byteswap()
-    return ids.tolist()
+    return _little_endian_u32(data[: len(data) // 4 * 4]).tolist()
